@@ -1,0 +1,1161 @@
+"""Parameter Golf training script: a depth-recurrent U-Net transformer trained under a wall-clock cap.
+
+Run on 8 GPUs with `torchrun --standalone --nproc_per_node=8 train_gpt.py`, on one CPU process with
+`python train_gpt.py`, or with `torchrun --nproc_per_node=N` on CPU (gloo). Every knob is an environment
+variable (see `Hyperparameters`); each run writes `logs/{RUN_ID}.txt` and `logs/{RUN_ID}.json`.
+
+The file reads in the order data flows: configuration -> runtime & logging -> data -> model ->
+optimizers -> training loop -> evaluation -> main().
+"""
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------------------------
+# Configuration: every knob is read once, here, from an environment variable of the same name
+# (upper-cased). Defaults reproduce the public 2026-04-09 record stack plus our additions.
+# -----------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A knob has a value the run cannot use; the message names the variable."""
+
+
+def knob(default, doc: str):
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    # run / data
+    data_dir: str = knob("./data/", "root holding datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/")
+    vocab_size: int = knob(8192, "tokenizer vocabulary size; selects the dataset variant")
+    seed: int = knob(1337, "seed for init and data order")
+    run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (random if unset)")
+    # shape
+    num_layers: int = knob(11, "physical transformer blocks")
+    model_dim: int = knob(512, "residual stream width")
+    num_heads: int = knob(8, "query heads")
+    num_kv_heads: int = knob(4, "key/value heads (grouped-query attention)")
+    mlp_mult: float = knob(4.0, "MLP hidden width = MLP_MULT * MODEL_DIM")
+    tie_embeddings: bool = knob(True, "output head shares the token embedding")
+    logit_softcap: float = knob(30.0, "logits = c * tanh(z / c)")
+    rope_base: float = knob(10000.0, "rotary base frequency")
+    rope_dims: int = knob(16, "rotary dims per head (0 = whole head)")
+    ln_scale: bool = knob(True, "multiply sublayer norms by 1/sqrt(layer+1)")
+    xsa_last_n: int = knob(11, "last N layers remove each head's own-value component")
+    parallel_residual_start: int = knob(7, "layers >= this read one input for attention and MLP (<0: none)")
+    skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips (else additive)")
+    qk_gain_init: float = knob(5.25, "initial per-head query gain")
+    # depth recurrence
+    num_loops: int = knob(2, "extra passes of the band LOOP_START..LOOP_END (0 = no recurrence)")
+    loop_start: int = knob(3, "first physical layer of the looped band")
+    loop_end: int = knob(5, "last physical layer of the looped band (inclusive)")
+    enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping turns on")
+    enable_looping_at_step: Optional[int] = knob(None, "if set, looping turns on at this step instead")
+    # our additions
+    birkhoff_mix: bool = knob(True, "layer input = a*x + (1-a)*x0 per virtual layer (else free 2-vector mix)")
+    birkhoff_init: float = knob(0.98, "initial a of the Birkhoff mix, in (0, 1)")
+    output_ln: bool = knob(True, "MLP normalizes its output instead of its input")
+    timestep_scale: bool = knob(True, "per-virtual-layer attention/MLP output scales")
+    timestep_cap: Optional[float] = knob(4.0, "clamp of the timestep scales to [-cap, cap] ('none': no clamp)")
+    # schedule
+    iterations: int = knob(20000, "maximum optimizer steps")
+    max_wallclock_seconds: float = knob(600.0, "training-time cap (0 = none; then the schedule is step-based)")
+    gptq_reserve_seconds: float = knob(0.0, "seconds of the cap reserved for post-training work")
+    warmup_steps: int = knob(20, "compile warm-up steps, rolled back before training")
+    warmdown_frac: float = knob(0.72, "final fraction of the budget with linearly decaying LR")
+    min_lr: float = knob(0.0, "LR multiplier at the end of the warm-down")
+    train_batch_tokens: int = knob(786432, "global tokens per optimizer step")
+    train_seq_len: int = knob(2048, "training sequence length")
+    val_loss_every: int = knob(4000, "validate every N steps (0 = only at the end)")
+    val_batch_tokens: int = knob(524288, "validation tokens per forward, summed over ranks and accumulation")
+    eval_seq_len: int = knob(2048, "evaluation sequence length")
+    train_log_every: int = knob(500, "log train loss every N steps (and the first 5)")
+    # optimizers
+    matrix_lr: float = knob(0.022, "Muon LR for block matrices")
+    scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors")
+    tied_embed_lr: float = knob(0.03, "AdamW LR for the tied embedding")
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
+    embed_lr: float = knob(0.6, "AdamW LR for an untied input embedding")
+    head_lr: float = knob(0.008, "Adam LR for an untied output head")
+    muon_momentum: float = knob(0.99, "Muon momentum after warm-up")
+    muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = knob(1500, "steps of linear Muon momentum warm-up")
+    muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_row_normalize: bool = knob(True, "normalize gradient rows before orthogonalizing")
+    muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices")
+    embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
+    adam_wd: float = knob(0.02, "AdamW weight decay of scalar/control tensors")
+    beta1: float = knob(0.9, "Adam beta1")
+    beta2: float = knob(0.95, "Adam beta2")
+    adam_eps: float = knob(1e-8, "Adam epsilon")
+    grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)")
+    ema_decay: float = knob(0.9965, "EMA decay of the weights, applied at the end (0 = off)")
+    # runtime
+    attn_backend: str = knob("auto", "auto, fa3 or sdpa (auto: FlashAttention 3 when importable on CUDA)")
+    compile: str = knob("auto", "auto, 1 or 0 (auto: torch.compile on CUDA only)")
+
+    @classmethod
+    def from_env(cls, environ) -> "Hyperparameters":
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.name.upper())
+            values[f.name] = f.default if raw is None else parse_knob(f.name.upper(), raw, f.type)
+        if not values["run_id"]:
+            values["run_id"] = str(uuid.uuid4())
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_knob(name: str, raw: str, kind):
+    text = raw.strip()
+    optional = kind in (Optional[int], Optional[float])
+    if optional and text.lower() in ("", "none"):
+        return None
+    base = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
+    try:
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return base(text)
+    except ValueError:
+        expected = {bool: "0 or 1", int: "an integer", float: "a number", str: "a string"}[base]
+        suffix = " or 'none'" if optional else ""
+        raise ConfigError(f"{name}={raw!r}: expected {expected}{suffix}") from None
+
+
+def validate(hp: Hyperparameters, world_size: int) -> None:
+    """Reject values the run cannot use, before anything is built, naming the variable."""
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(hp, name.lower(), None)!r}: {what}")
+
+    if 8 % world_size != 0 or world_size < 1:
+        raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (gradient accumulation is 8 // WORLD_SIZE)")
+    for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
+                 "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "VAL_BATCH_TOKENS", "MUON_BACKEND_STEPS"):
+        need(getattr(hp, name.lower()) > 0, name, "must be positive")
+    for name in ("ITERATIONS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "NUM_LOOPS",
+                 "XSA_LAST_N", "MUON_MOMENTUM_WARMUP_STEPS", "ROPE_DIMS"):
+        need(getattr(hp, name.lower()) >= 0, name, "must be >= 0")
+    need(hp.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+    need(hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
+    need(hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+    head_dim = hp.model_dim // hp.num_heads
+    need(head_dim % 2 == 0, "MODEL_DIM", f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for rotary")
+    need(hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
+    need(hp.mlp_mult > 0, "MLP_MULT", "must be positive")
+    need(hp.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+    need(hp.xsa_last_n <= hp.num_layers, "XSA_LAST_N", f"must be <= NUM_LAYERS={hp.num_layers}")
+    if hp.num_loops > 0:
+        need(0 <= hp.loop_start < hp.num_layers, "LOOP_START", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
+        need(hp.loop_start <= hp.loop_end, "LOOP_END", f"must be >= LOOP_START={hp.loop_start}")
+        need(hp.loop_end < hp.num_layers, "LOOP_END", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
+    need(0.0 <= hp.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
+    if hp.enable_looping_at_step is not None:
+        need(hp.enable_looping_at_step >= 0, "ENABLE_LOOPING_AT_STEP", "must be >= 0")
+    need(0.0 < hp.birkhoff_init < 1.0, "BIRKHOFF_INIT", "must lie strictly between 0 and 1")
+    if hp.timestep_cap is not None:
+        need(hp.timestep_cap > 0, "TIMESTEP_CAP", "must be positive, or 'none' for no clamp")
+    need(0.0 <= hp.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be a fraction in [0, 1]")
+    need(0.0 <= hp.min_lr <= 1.0, "MIN_LR", "must be a multiplier in [0, 1]")
+    need(0.0 <= hp.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
+    need(hp.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", "must be >= 0")
+    need(hp.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS", "must be >= 0")
+    if hp.max_wallclock_seconds > 0:
+        need(hp.gptq_reserve_seconds < hp.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
+             f"must leave training time inside MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
+    micro_tokens = world_size * (8 // world_size) * hp.train_seq_len
+    need(hp.train_batch_tokens % micro_tokens == 0, "TRAIN_BATCH_TOKENS",
+         f"must be a multiple of 8 micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
+    need(hp.val_batch_tokens >= 8 * hp.eval_seq_len, "VAL_BATCH_TOKENS",
+         f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch (8 in all)")
+    need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
+    need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
+    embedding_dim = os.environ.get("EMBEDDING_DIM")
+    if embedding_dim is not None and embedding_dim.strip() != str(hp.model_dim):
+        raise ConfigError(f"EMBEDDING_DIM={embedding_dim!r}: a factored embedding is not supported; "
+                          f"unset it or make it equal MODEL_DIM={hp.model_dim}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Runtime & logging: device, process group, attention path, and the run's text and JSON logs.
+# -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+    attn_backend: str  # "flash_attn_3" or "sdpa"
+    compile: bool
+    activation_dtype: torch.dtype
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return 8 // self.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env(environ) -> tuple[int, int, int, bool]:
+    distributed = "RANK" in environ and "WORLD_SIZE" in environ
+    try:
+        rank = int(environ.get("RANK", "0"))
+        world_size = int(environ.get("WORLD_SIZE", "1"))
+        local_rank = int(environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
+    return rank, local_rank, world_size, distributed
+
+
+def load_flash_attn_3():
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+FLASH_ATTN_3 = None  # set by choose_attention when FlashAttention 3 is the chosen path
+
+
+def choose_attention(hp: Hyperparameters, device: torch.device) -> str:
+    global FLASH_ATTN_3
+    if hp.attn_backend == "sdpa" or device.type != "cuda":
+        if hp.attn_backend == "fa3":
+            raise ConfigError("ATTN_BACKEND='fa3': FlashAttention 3 needs a CUDA device")
+        return "sdpa"
+    FLASH_ATTN_3 = load_flash_attn_3()
+    if FLASH_ATTN_3 is None:
+        if hp.attn_backend == "fa3":
+            raise ConfigError("ATTN_BACKEND='fa3': flash_attn_interface is not importable; install FlashAttention 3")
+        return "sdpa"
+    return "flash_attn_3"
+
+
+def init_runtime(hp: Hyperparameters, environ) -> Runtime:
+    rank, local_rank, world_size, distributed = world_from_env(environ)
+    validate(hp, world_size)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    use_compile = hp.compile == "1" or (hp.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        torch._dynamo.config.optimize_ddp = False  # DDP around a fullgraph-compiled module
+        torch._dynamo.config.cache_size_limit = 32
+    # bf16 activations on GPUs (tensor cores). On CPU fp32: see BENCHMARKS.md, bf16 autocast was slower there.
+    activation_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return Runtime(rank, local_rank, world_size, device, distributed, choose_attention(hp, device),
+                   use_compile, activation_dtype)
+
+
+class RunLog:
+    """Rank 0 writes human log lines to stdout and logs/{RUN_ID}.txt, and the result to logs/{RUN_ID}.json."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, code: str):
+        self.enabled = rt.is_main
+        self.text_path = Path("logs") / f"{hp.run_id}.txt"
+        self.json_path = Path("logs") / f"{hp.run_id}.json"
+        self.result = {
+            "run_id": hp.run_id,
+            "status": "running",
+            "code_sha256": hashlib.sha256(code.encode()).hexdigest(),
+            "code_bytes": len(code.encode()),
+            "hyperparameters": hp.as_dict(),
+            "world_size": rt.world_size,
+            "grad_accum_steps": rt.grad_accum_steps,
+            "device": device_name(rt.device),
+            "attention_backend": rt.attn_backend,
+            "compile": rt.compile,
+            "activation_dtype": str(rt.activation_dtype).removeprefix("torch."),
+            "torch_version": torch.__version__,
+            "val_curve": [],
+            "metrics": {},
+        }
+        if self.enabled:
+            self.text_path.parent.mkdir(parents=True, exist_ok=True)
+            self.save()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+            with self.text_path.open("a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
+    def update(self, **fields) -> None:
+        self.result.update(fields)
+        self.save()
+
+    def metric(self, **values) -> None:
+        self.result["metrics"].update(values)
+        self.save()
+
+    def save(self) -> None:
+        if self.enabled:
+            tmp = self.json_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.result, indent=1, default=str))
+            tmp.replace(self.json_path)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/process)"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# Data: the challenge's shard format, a random-sequence training loader, the validation split, and
+# the per-token byte counts that turn a loss in nats/token into bits per UTF-8 byte.
+# -----------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """A dataset or tokenizer file is missing or malformed; the message names it."""
+
+
+def dataset_dir(hp: Hyperparameters) -> Path:
+    return Path(hp.data_dir) / "datasets" / f"fineweb10B_sp{hp.vocab_size}"
+
+
+def tokenizer_path(hp: Hyperparameters) -> Path:
+    return Path(hp.data_dir) / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model"
+
+
+def find_shards(hp: Hyperparameters, split: str) -> list[Path]:
+    directory = dataset_dir(hp)
+    if not directory.is_dir():
+        raise DataError(f"dataset directory {directory} does not exist (DATA_DIR={hp.data_dir!r}, "
+                        f"VOCAB_SIZE={hp.vocab_size}); download it with data/cached_challenge_fineweb.py")
+    files = sorted(Path(p) for p in glob.glob(str(directory / f"fineweb_{split}_*.bin")))
+    if not files:
+        raise DataError(f"no {split} shards matching {directory}/fineweb_{split}_*.bin")
+    return files
+
+
+def shard_token_count(path: Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header.size != SHARD_HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: bad shard header (want {SHARD_HEADER_INTS} int32 with magic {SHARD_MAGIC}, "
+                        f"version {SHARD_VERSION})")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    actual = path.stat().st_size
+    if actual != expected:
+        raise DataError(f"{path}: file is {actual} bytes but its header promises {num_tokens} tokens "
+                        f"({expected} bytes)")
+    return num_tokens
+
+
+def open_shard(path: Path) -> np.memmap:
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(shard_token_count(path),))
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
+                        f"the data was made with another tokenizer")
+
+
+class TrainLoader:
+    """Random sequences of TRAIN_SEQ_LEN+1 tokens; each rank owns a disjoint share of each epoch.
+
+    An epoch cuts every shard into sequences at a random phase (shared by all ranks), deals the
+    sequences to ranks round-robin, and each rank visits its share in its own random order.
+    """
+
+    def __init__(self, files: list[Path], seq_len: int, vocab_size: int, seed: int, rank: int,
+                 world_size: int, device: torch.device):
+        self.files, self.seq_len, self.vocab_size = files, seq_len, vocab_size
+        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
+        self.shards = [open_shard(f) for f in files]
+        self.epoch = -1
+        self.order = np.empty((0, 2), dtype=np.int64)
+        self.cursor = 0
+
+    def start_epoch(self) -> None:
+        self.epoch += 1
+        shared = np.random.default_rng([self.seed, self.epoch])
+        slots = []
+        for shard_id, shard in enumerate(self.shards):
+            phase = int(shared.integers(self.seq_len))
+            count = max(0, (len(shard) - 1 - phase) // self.seq_len)
+            starts = phase + self.seq_len * np.arange(count, dtype=np.int64)
+            slots.append(np.stack([np.full(count, shard_id, dtype=np.int64), starts], axis=1))
+        everything = np.concatenate(slots)
+        mine = everything[self.rank::self.world_size]
+        if len(mine) == 0:
+            raise DataError(f"training shards hold too few tokens for one sequence of TRAIN_SEQ_LEN={self.seq_len} "
+                            f"per rank ({len(everything)} sequences for {self.world_size} ranks)")
+        own = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        self.order = mine[own.permutation(len(mine))]
+        self.cursor = 0
+
+    def next_batch(self, num_seqs: int) -> tuple[Tensor, Tensor]:
+        rows = []
+        for _ in range(num_seqs):
+            if self.cursor >= len(self.order):
+                self.start_epoch()
+            shard_id, start = self.order[self.cursor]
+            self.cursor += 1
+            rows.append(self.shards[shard_id][start:start + self.seq_len + 1])
+        batch = np.stack(rows).astype(np.int64)
+        check_token_range(batch, self.vocab_size, f"training shard(s) {[str(f) for f in self.files]}")
+        tokens = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        return tokens[:, :-1], tokens[:, 1:]
+
+
+def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
+    """The whole validation split, trimmed to whole EVAL_SEQ_LEN sequences plus one target token."""
+    files = find_shards(hp, "val")
+    tokens = np.concatenate([np.asarray(open_shard(f)) for f in files])
+    check_token_range(tokens, hp.vocab_size, f"validation shard(s) {[str(f) for f in files]}")
+    usable = (len(tokens) - 1) // hp.eval_seq_len * hp.eval_seq_len
+    if usable <= 0:
+        raise DataError(f"validation split has {len(tokens)} tokens, fewer than EVAL_SEQ_LEN+1={hp.eval_seq_len + 1}")
+    return tokens[:usable + 1]
+
+
+@dataclasses.dataclass
+class ByteCounts:
+    """Per-token UTF-8 byte counts of a SentencePiece vocabulary, for bits-per-byte."""
+
+    base_bytes: Tensor  # bytes of the piece without its leading "▁" (byte-fallback tokens: 1)
+    leading_space: Tensor  # the piece starts with "▁", which decodes to one space byte...
+    is_boundary: Tensor  # ...unless the previous token is a control/unknown token such as BOS
+
+    def count(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+        space = self.leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids].to(torch.float64) + space.to(torch.float64)
+
+    def to(self, device: torch.device) -> "ByteCounts":
+        return ByteCounts(self.base_bytes.to(device), self.leading_space.to(device), self.is_boundary.to(device))
+
+
+def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
+    path = tokenizer_path(hp)
+    if not path.is_file():
+        raise DataError(f"tokenizer {path} does not exist (DATA_DIR={hp.data_dir!r}, VOCAB_SIZE={hp.vocab_size})")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() != hp.vocab_size:
+        raise DataError(f"tokenizer {path} has {sp.vocab_size()} pieces but VOCAB_SIZE={hp.vocab_size}")
+    return sp
+
+
+def byte_counts(sp: spm.SentencePieceProcessor) -> ByteCounts:
+    n = sp.vocab_size()
+    base = np.zeros(n, dtype=np.int16)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return ByteCounts(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+# -----------------------------------------------------------------------------------------------
+# Model: a U-Net transformer whose middle band of physical layers can be run several times.
+#
+# A *virtual layer* is one application of a physical block. Each virtual layer owns a *slot*:
+# pass 0 of physical layer i is slot i, and pass p >= 1 of a band layer gets a slot after the
+# physical ones. Per-slot parameters (Birkhoff mix logits, timestep scales) therefore let each pass
+# of the band behave differently, and the plain (unlooped) sequence uses slots 0..NUM_LAYERS-1.
+# -----------------------------------------------------------------------------------------------
+
+
+def virtual_layers(hp: Hyperparameters, looped: bool) -> list[tuple[int, int]]:
+    """The (layer, slot) sequence the forward pass runs."""
+    if not looped or hp.num_loops == 0:
+        return [(i, i) for i in range(hp.num_layers)]
+    band = list(range(hp.loop_start, hp.loop_end + 1))
+    seq = [(i, i) for i in range(hp.loop_start)]
+    for p in range(hp.num_loops + 1):
+        seq += [(i, i if p == 0 else hp.num_layers + (p - 1) * len(band) + i - hp.loop_start) for i in band]
+    seq += [(i, i) for i in range(hp.loop_end + 1, hp.num_layers)]
+    return seq
+
+
+def unet_split(seq: list) -> tuple[list, list]:
+    """First half (rounded down) encodes, the rest decodes."""
+    return seq[:len(seq) // 2], seq[len(seq) // 2:]
+
+
+def num_slots(hp: Hyperparameters) -> int:
+    return hp.num_layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Parameter-free RMSNorm over the last dim that keeps x's dtype (autocast may upcast norms)."""
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
+
+
+def rotary_tables(rope_dims: int, base: float, max_len: int) -> tuple[Tensor, Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first cos.size(-1)*2 dims of each head of x (B, T, H, D); pass the rest through."""
+    r = 2 * cos.size(-1)
+    x1, x2, rest = x[..., :r // 2], x[..., r // 2:r], x[..., r:]
+    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); query head h reads kv head h // (H/Hkv)."""
+    if backend == "flash_attn_3":
+        out = FLASH_ATTN_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: drop from each head's output its component along its own position's normalized value."""
+    b, t, h, d = y.shape
+    groups = y.view(b, t, v.size(2), h // v.size(2), d)
+    direction = F.normalize(v, dim=-1).unsqueeze(3)
+    return (groups - (groups * direction).sum(-1, keepdim=True) * direction).view(b, t, h, d)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp: Hyperparameters, use_xsa: bool, backend: str):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(hp.model_dim, hp.model_dim, bias=False)
+        self.c_k = nn.Linear(hp.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(hp.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(hp.model_dim, hp.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.use_xsa, self.backend = use_xsa, backend
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(rms_norm(q), cos, sin)
+        k = apply_rotary(rms_norm(k), cos, sin)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, self.backend)
+        if self.use_xsa:
+            y = remove_self_value(y, v)
+        return self.proj(y.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        hidden = int(hp.mlp_mult * hp.model_dim)
+        self.fc = nn.Linear(hp.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, hp.model_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    """One physical layer: attention and MLP sublayers with per-channel output scales.
+
+    Norm placement: attention always normalizes its input. With OUTPUT_LN the MLP reads the raw
+    stream and a parameter-free RMSNorm is put on its output instead. The 1/sqrt(layer+1) factor
+    (LN_SCALE) multiplies whichever norm the sublayer has, so under OUTPUT_LN it scales the MLP's
+    normalized output and keeps its job of shrinking deep layers' writes to the stream. Parallel
+    layers feed attention and MLP the same x; sequential ones feed the MLP x + attention output.
+    """
+
+    def __init__(self, hp: Hyperparameters, layer: int, backend: str):
+        super().__init__()
+        self.attn = Attention(hp, use_xsa=layer >= hp.num_layers - hp.xsa_last_n, backend=backend)
+        self.mlp = MLP(hp)
+        self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
+        self.norm_factor = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        self.parallel = 0 <= hp.parallel_residual_start <= layer
+        self.output_ln = hp.output_ln
+
+    def mlp_branch(self, x: Tensor) -> Tensor:
+        if self.output_ln:
+            return rms_norm(self.mlp(x)) * self.norm_factor
+        return self.mlp(rms_norm(x) * self.norm_factor)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_gain: Optional[Tensor],
+                mlp_gain: Optional[Tensor]) -> Tensor:
+        attn_out = self.attn(rms_norm(x) * self.norm_factor, cos, sin)
+        attn_out = attn_out * branch_scale(self.attn_scale, attn_gain, x.dtype)
+        mlp_in = x if self.parallel else x + attn_out
+        mlp_out = self.mlp_branch(mlp_in) * branch_scale(self.mlp_scale, mlp_gain, x.dtype)
+        return x + attn_out + mlp_out
+
+
+def branch_scale(scale: Tensor, gain: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    return (scale if gain is None else scale * gain).to(dtype)
+
+
+def birkhoff_coefficients(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights (a, 1-a) of the stream mix; [[a, 1-a], [1-a, a]] is doubly stochastic, so its spectral norm <= 1."""
+    a = torch.sigmoid(logits)
+    return a, 1.0 - a
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters, attn_backend: str = "sdpa",
+                 activation_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.hp, self.activation_dtype = hp, activation_dtype
+        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.lm_head = None if hp.tie_embeddings else nn.Linear(hp.model_dim, hp.vocab_size, bias=False)
+        self.blocks = nn.ModuleList(Block(hp, i, attn_backend) for i in range(hp.num_layers))
+        self.plans = {looped: unet_split(virtual_layers(hp, looped)) for looped in (False, True)}
+        self.looping = False
+        slots = num_slots(hp)
+        if hp.birkhoff_mix:
+            logit = math.log(hp.birkhoff_init / (1.0 - hp.birkhoff_init))
+            # Slot 0 (layer 0, first pass) always sees x == x0, so it has nothing to mix and no logit.
+            self.mix_logits = nn.Parameter(torch.full((slots - 1, hp.model_dim), logit))
+        else:
+            self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.num_layers, hp.model_dim),
+                                                       torch.zeros(hp.num_layers, hp.model_dim)], dim=1))
+        if hp.timestep_scale:
+            self.attn_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
+            self.mlp_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
+        skips = max(min(len(enc), len(dec)) for enc, dec in self.plans.values())
+        self.skip_weights = nn.Parameter(torch.ones(skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(skips, hp.model_dim)) if hp.skip_gates_enabled else None
+        rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
+        cos, sin = rotary_tables(rope_dims, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.hp.tied_embed_init_std)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            # Zero-init output projections so each block starts as the identity; not the MLP's under
+            # OUTPUT_LN, whose RMSNorm has no direction to normalize at zero.
+            zero = name.endswith("attn.proj") or name == "lm_head" or (name.endswith("mlp.proj") and not self.hp.output_ln)
+            if zero:
+                nn.init.zeros_(module.weight)
+            elif min(module.weight.shape) >= 64:
+                nn.init.orthogonal_(module.weight)
+
+    def stream_mix(self, x: Tensor, x0: Tensor, layer: int, slot: int) -> Tensor:
+        if self.hp.birkhoff_mix:
+            if slot == 0:
+                return x
+            a, b = birkhoff_coefficients(self.mix_logits[slot - 1])
+            return a.to(x.dtype) * x + b.to(x.dtype) * x0
+        m = self.resid_mix[layer].to(x.dtype)
+        return m[0] * x + m[1] * x0
+
+    def step_gains(self, slot: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if not self.hp.timestep_scale:
+            return None, None
+        cap = self.hp.timestep_cap
+        attn, mlp = self.attn_step_scales[slot], self.mlp_step_scales[slot]
+        if cap is None:
+            return attn, mlp
+        return attn.clamp(-cap, cap), mlp.clamp(-cap, cap)
+
+    def run_layer(self, x: Tensor, x0: Tensor, layer: int, slot: int, cos: Tensor, sin: Tensor) -> Tensor:
+        return self.blocks[layer](self.stream_mix(x, x0, layer, slot), cos, sin, *self.step_gains(slot))
+
+    def merge_skip(self, index: int, x: Tensor, skip: Tensor) -> Tensor:
+        scaled = self.skip_weights[index].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + scaled
+        return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        x = rms_norm(self.tok_emb(input_ids).to(self.activation_dtype))
+        x0 = x
+        cos, sin = self.rope_cos[:input_ids.size(1)], self.rope_sin[:input_ids.size(1)]
+        encoder, decoder = self.plans[self.looping]
+        skips = []
+        for layer, slot in encoder:
+            x = self.run_layer(x, x0, layer, slot, cos, sin)
+            skips.append(x)
+        for index, (layer, slot) in enumerate(decoder):
+            if index < len(self.skip_weights) and skips:
+                x = self.merge_skip(index, x, skips.pop())
+            x = self.run_layer(x, x0, layer, slot, cos, sin)
+        return rms_norm(x)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        h = self.hidden_states(input_ids)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        z = F.linear(h, weight.to(h.dtype)).float()
+        cap = self.hp.logit_softcap
+        return cap * torch.tanh(z / cap)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean next-token cross-entropy in nats, computed in fp32."""
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten())
+
+
+# -----------------------------------------------------------------------------------------------
+# Optimizers: Muon for the block matrices, AdamW for the embedding and every small tensor.
+# -----------------------------------------------------------------------------------------------
+
+
+def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter in exactly one group: 'matrix' (Muon), 'embed', 'head', 'scalar' (AdamW)."""
+    matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
+    groups = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            groups["embed"].append((name, p))
+        elif name == "lm_head.weight":
+            groups["head"].append((name, p))
+        elif id(p) in matrices:
+            groups["matrix"].append((name, p))
+        else:
+            groups["scalar"].append((name, p))
+    return groups
+
+
+def newton_schulz(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalize g (quintic Newton-Schulz iteration, Muon's coefficients)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + eps)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then an orthogonalized update; ranks split the matrices and share results."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 row_normalize: bool, rank: int, world_size: int, orthogonalize=newton_schulz,
+                 update_dtype: torch.dtype = torch.float32):
+        super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.row_normalize = backend_steps, row_normalize
+        self.rank, self.world_size = rank, world_size
+        self.orthogonalize, self.update_dtype = orthogonalize, update_dtype
+
+    def own_update(self, p: Tensor, momentum: float) -> Tensor:
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(momentum).add_(p.grad)
+        g = p.grad.add(buf, alpha=momentum)
+        if self.row_normalize:
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        u = self.orthogonalize(g.to(self.update_dtype), self.backend_steps)
+        return u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.update_dtype, device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    flat[offset:offset + p.numel()] = self.own_update(p, group["momentum"]).flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def adamw(params, lr: float, weight_decay: float, hp: Hyperparameters, device: torch.device):
+    return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(hp.beta1, hp.beta2),
+                             eps=hp.adam_eps, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
+    groups = {k: [p for _, p in v] for k, v in param_groups(model).items()}
+    orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    update_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
+    optimizers = [
+        Muon(groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
+             hp.muon_row_normalize, rt.rank, rt.world_size, orthogonalize, update_dtype),
+        adamw(groups["embed"], hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd, hp, rt.device),
+        adamw(groups["scalar"], hp.scalar_lr, hp.adam_wd, hp, rt.device),
+    ]
+    if groups["head"]:
+        optimizers.append(adamw(groups["head"], hp.head_lr, 0.0, hp, rt.device))
+    return optimizers
+
+
+# -----------------------------------------------------------------------------------------------
+# Training loop: gradient accumulation to the 8-GPU global batch, a wall-clock budget shared by all
+# ranks, LR warm-down, looping switched on part-way, EMA of the weights.
+# -----------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(frac: float, hp: Hyperparameters) -> float:
+    """1 until the last WARMDOWN_FRAC of the budget, then linearly down to MIN_LR at frac = 1."""
+    if hp.warmdown_frac <= 0 or frac < 1.0 - hp.warmdown_frac:
+        return 1.0
+    progress = min(max((1.0 - frac) / hp.warmdown_frac, 0.0), 1.0)
+    return hp.min_lr + (1.0 - hp.min_lr) * progress
+
+
+def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
+    if hp.muon_momentum_warmup_steps <= 0:
+        return hp.muon_momentum
+    t = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    return (1 - t) * hp.muon_momentum_warmup_start + t * hp.muon_momentum
+
+
+def looping_due(step: int, frac: float, hp: Hyperparameters) -> bool:
+    if hp.num_loops == 0:
+        return False
+    if hp.enable_looping_at_step is not None:
+        return step >= hp.enable_looping_at_step
+    return frac >= hp.enable_looping_at
+
+
+def format_plan(model: GPT) -> str:
+    encoder, decoder = model.plans[True]
+    return f"encoder:{[layer for layer, _ in encoder]} decoder:{[layer for layer, _ in decoder]}"
+
+
+class Trainer:
+    """Owns the model, its compiled/DDP wrapper, optimizers, loader and EMA for one run."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, log: RunLog):
+        self.hp, self.rt, self.log = hp, rt, log
+        torch.manual_seed(hp.seed)
+        self.model = GPT(hp, rt.attn_backend, rt.activation_dtype).to(rt.device)
+        net = torch.compile(self.model, dynamic=False, fullgraph=True) if rt.compile else self.model
+        self.net = DDP(net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                       broadcast_buffers=False) if rt.distributed else net
+        self.optimizers = build_optimizers(self.model, hp, rt)
+        self.train_files = find_shards(hp, "train")
+        self.loader = self.new_loader()
+        self.seqs_per_micro = hp.train_batch_tokens // (8 * hp.train_seq_len)
+
+    def new_loader(self) -> TrainLoader:
+        return TrainLoader(self.train_files, self.hp.train_seq_len, self.hp.vocab_size, self.hp.seed,
+                           self.rt.rank, self.rt.world_size, self.rt.device)
+
+    def autocast(self):
+        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
+                              enabled=self.rt.activation_dtype == torch.bfloat16)
+
+    def step(self, step: int, lr_scale: float) -> Tensor:
+        """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss."""
+        total = torch.zeros((), device=self.rt.device)
+        accum = self.rt.grad_accum_steps
+        for micro in range(accum):
+            x, y = self.loader.next_batch(self.seqs_per_micro)
+            sync_now = micro == accum - 1 or not self.rt.distributed
+            with contextlib.nullcontext() if sync_now else self.net.no_sync():
+                with self.autocast():
+                    loss = self.net(x, y)
+                (loss / accum).backward()
+            total += loss.detach()
+        momentum = muon_momentum_at(step, self.hp)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = momentum
+        if self.hp.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return total / accum
+
+    def warm_up(self) -> None:
+        """Run WARMUP_STEPS unlooped (and looped) steps to compile both graphs, then undo them."""
+        if self.hp.warmup_steps == 0:
+            return
+        model_state = copy.deepcopy(self.model.state_dict())
+        optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for looped in ([False, True] if self.hp.num_loops > 0 else [False]):
+            self.model.looping = looped
+            for i in range(self.hp.warmup_steps):
+                self.step(i, 1.0)
+            self.log(f"warmup: {self.hp.warmup_steps} steps looping:{int(looped)} done")
+        self.model.looping = False
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, optimizer_states):
+            opt.load_state_dict(state)
+        self.loader = self.new_loader()
+        synchronize(self.rt.device)
+
+    def synced_ms(self, elapsed_ms: float) -> float:
+        """The slowest rank's clock, so all ranks stop, loop and schedule LR at the same step."""
+        if not self.rt.distributed:
+            return elapsed_ms
+        t = torch.tensor([elapsed_ms], dtype=torch.float64, device=self.rt.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    def validate(self, val: "Validation", looped: bool) -> tuple[float, float]:
+        previous = self.model.looping
+        self.model.looping = looped
+        result = evaluate(self.net, val, self.hp, self.rt, self.autocast)
+        self.model.looping = previous
+        return result
+
+    def train(self, val: "Validation") -> None:
+        hp, rt, log = self.hp, self.rt, self.log
+        self.warm_up()
+        ema = [p.detach().float().clone() for p in self.model.parameters()] if hp.ema_decay > 0 else None
+        budget_ms = 1000.0 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else None
+        if budget_ms is not None:
+            log(f"train_budget: {budget_ms:.0f}ms (MAX_WALLCLOCK_SECONDS minus GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s)")
+        clock = PausableClock(rt.device)
+        # `elapsed` is the slowest rank's training time after the previous step: every decision
+        # below (looping, LR, stopping) reads it, so all ranks make the same decision at the same step.
+        step, elapsed, stop, loop_step, recompiles = 0, 0.0, False, None, 0
+        clock.resume()
+        while True:
+            last = step >= hp.iterations or stop
+            if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+                clock.pause()
+                val_loss, val_bpb = self.validate(val, looped=hp.num_loops > 0)
+                log(f"{step}/{hp.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
+                log.result["val_curve"].append(dict(step=step, train_time_ms=round(elapsed), val_loss=val_loss, val_bpb=val_bpb))
+                log.save()
+                clock.resume()
+            if last:
+                break
+            frac = elapsed / budget_ms if budget_ms is not None else step / max(hp.iterations, 1)
+            if loop_step is None and looping_due(step, frac, hp):
+                self.model.looping, loop_step = True, step
+                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {format_plan(self.model)}")
+            graphs = compiled_graph_count()
+            loss = self.step(step, lr_multiplier(frac, hp))
+            recompiles += compiled_graph_count() - graphs
+            if ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, [p.detach().float() for p in self.model.parameters()], 1.0 - hp.ema_decay)
+            step += 1
+            elapsed = self.synced_ms(clock.read_ms())
+            stop = budget_ms is not None and elapsed >= budget_ms
+            if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or stop):
+                tok_s = step * hp.train_batch_tokens / (elapsed / 1000.0)
+                log(f"{step}/{hp.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
+            if stop:
+                log(f"stopping_early: wallclock_cap train_time: {elapsed:.0f}ms step: {step}/{hp.iterations}")
+        log(f"peak_memory: {peak_memory_mib(rt.device):.0f} MiB")
+        if rt.compile:
+            log(f"compile: {recompiles} graph(s) compiled inside the timed training steps")
+        log.update(steps=step, train_time_ms=round(elapsed), looping_enabled_step=loop_step,
+                   tokens_per_s=step * hp.train_batch_tokens / max(elapsed / 1000.0, 1e-9),
+                   peak_memory_mib=round(peak_memory_mib(rt.device), 1),
+                   graphs_compiled_in_timed_steps=recompiles if rt.compile else None)
+        if ema is not None:
+            with torch.no_grad():
+                for p, avg in zip(self.model.parameters(), ema):
+                    p.copy_(avg)
+            log("ema: applied EMA weights")
+
+
+class PausableClock:
+    """Training time, excluding the pauses taken for validation."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.banked_ms, self.started = device, 0.0, None
+
+    def resume(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        self.banked_ms = self.read_ms()
+        self.started = None
+
+    def read_ms(self) -> float:
+        synchronize(self.device)
+        return self.banked_ms + 1000.0 * (time.perf_counter() - self.started)
+
+
+def compiled_graph_count() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+# -----------------------------------------------------------------------------------------------
+# Evaluation: mean NLL over the whole validation split, in nats/token and bits/byte.
+# -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Validation:
+    tokens: np.ndarray
+    bytes: ByteCounts
+
+
+def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime, autocast) -> tuple[float, float]:
+    """Each rank scores a contiguous share of the EVAL_SEQ_LEN sequences; sums are all-reduced."""
+    seq_len = hp.eval_seq_len
+    total_seqs = (len(val.tokens) - 1) // seq_len
+    first, end = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
+    batch_seqs = max(1, hp.val_batch_tokens // (8 * seq_len))
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    counts = val.bytes.to(rt.device)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for s in range(first, end, batch_seqs):
+            e = min(s + batch_seqs, end)
+            chunk = torch.from_numpy(val.tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
+            x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+            with autocast():
+                loss = net(x, y)
+            sums[0] += loss.double() * y.numel()
+            sums[1] += y.numel()
+            sums[2] += counts.count(x.flatten(), y.flatten()).sum()
+    net.train(was_training)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    return nats_and_bpb(sums[0].item(), sums[1].item(), sums[2].item())
+
+
+def nats_and_bpb(nll_sum: float, tokens: float, num_bytes: float) -> tuple[float, float]:
+    loss = nll_sum / tokens
+    return loss, nll_sum / math.log(2.0) / num_bytes
+
+
+def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float]:
+    synchronize(rt.device)
+    t0 = time.perf_counter()
+    loss, bpb = fn()
+    synchronize(rt.device)
+    ms = 1000.0 * (time.perf_counter() - t0)
+    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
+    return loss, bpb
+
+
+# -----------------------------------------------------------------------------------------------
+# main: configure, load data, train, evaluate, record.
+# -----------------------------------------------------------------------------------------------
+
+
+def log_configuration(hp: Hyperparameters, rt: Runtime, model: GPT, log: RunLog) -> None:
+    log("Hyperparameters:")
+    for name, value in sorted(hp.as_dict().items()):
+        log(f"  {name}: {value}")
+    log(f"runtime: world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{device_name(rt.device)} "
+        f"compile:{int(rt.compile)} activation_dtype:{str(rt.activation_dtype).removeprefix('torch.')}")
+    log(f"attention: {rt.attn_backend}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(hp, True))} {format_plan(model)}")
+    log.update(model_params=n_params)
+
+
+def run(hp: Hyperparameters, rt: Runtime) -> None:
+    code = Path(__file__).read_text(encoding="utf-8")
+    log = RunLog(hp, rt, code)
+    try:
+        torch.manual_seed(hp.seed)
+        np.random.seed(hp.seed)
+        sp = load_tokenizer(hp)
+        val = Validation(load_validation_tokens(hp), byte_counts(sp))
+        trainer = Trainer(hp, rt, log)
+        log_configuration(hp, rt, trainer.model, log)
+        log(f"train_shards: {len(trainer.train_files)} val_tokens: {len(val.tokens) - 1}")
+        trainer.train(val)
+        loss, bpb = timed_eval("pre-quantization post-ema",
+                               lambda: trainer.validate(val, looped=hp.num_loops > 0), log, rt)
+        log.metric(pre_quant_val_loss=loss, pre_quant_val_bpb=bpb)
+        log.update(status="completed")
+    except BaseException as exc:
+        log.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def main() -> None:
+    try:
+        hp = Hyperparameters.from_env(os.environ)
+        rt = init_runtime(hp, os.environ)
+    except ConfigError as exc:
+        sys.exit(f"train_gpt.py: configuration error: {exc}")
+    try:
+        run(hp, rt)
+    except DataError as exc:
+        sys.exit(f"train_gpt.py: data error: {exc}")
+    finally:
+        if rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
