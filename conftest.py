@@ -1,15 +1,16 @@
 """Shared pytest fixtures: a small dataset in the challenge's exact format, made from generated text.
 
-Nothing here needs the network or ../shared: a SentencePiece BPE model with the challenge's settings
-is trained on a generated pseudo-language, and its tokens are written as train/val shards.
+Nothing here needs the network or ../shared: data/build_dataset.py trains a SentencePiece BPE model
+with the challenge's settings on a generated pseudo-language and writes its train/val shards.
 """
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+
+from data import build_dataset as bd
 
 VOCAB = 512
 
@@ -37,42 +38,14 @@ def pseudo_language(num_docs: int, seed: int) -> list[str]:
     return docs
 
 
-def write_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: int = 1) -> None:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = magic, version, len(tokens)
-    with path.open("wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
-
-
-def train_tokenizer(texts: list[str], prefix: Path, vocab_size: int) -> spm.SentencePieceProcessor:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0, num_threads=1, minloglevel=2)
-    return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
-
-
-def encode_docs(sp: spm.SentencePieceProcessor, docs: list[str]) -> np.ndarray:
-    """Every document prefixed with BOS (id 1), no EOS, as the challenge's shards are."""
-    return np.concatenate([np.array([1] + sp.encode(d), dtype=np.int64) for d in docs])
-
-
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("data")
-    (root / "tokenizers").mkdir()
-    shards = root / "datasets" / f"fineweb10B_sp{VOCAB}"
-    shards.mkdir(parents=True)
     docs = pseudo_language(1200, seed=0)
-    train_docs = docs[100:]
     # characters the tokenizer never saw reach the val split only through byte-fallback tokens
     val_docs = [d + " ∑ 😀 ж" if i % 10 == 0 else d for i, d in enumerate(docs[:100])]
-    sp = train_tokenizer(train_docs, root / "tokenizers" / f"fineweb_{VOCAB}_bpe", VOCAB)
-    train = encode_docs(sp, train_docs)
-    half = len(train) // 2
-    write_shard(shards / "fineweb_train_000000.bin", train[:half])
-    write_shard(shards / "fineweb_train_000001.bin", train[half:])
-    val = encode_docs(sp, val_docs)
-    write_shard(shards / "fineweb_val_000000.bin", val)
+    bd.build(val_docs + docs[100:], root, VOCAB, val_docs=100, shard_tokens=30_000, log=lambda _: None)
+    shards = root / "datasets" / f"fineweb10B_sp{VOCAB}"
+    sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"))
+    val = np.fromfile(shards / "fineweb_val_000000.bin", dtype="<u2", offset=1024).astype(np.int64)
     return {"root": root, "shards": shards, "sp": sp, "val_docs": val_docs, "val_tokens": val, "vocab": VOCAB}

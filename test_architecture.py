@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import write_shard
+from data.build_dataset import write_shard
 
 REPO = Path(__file__).resolve().parent
 SCRIPT = REPO / "train_gpt.py"
@@ -360,7 +360,8 @@ def data_copy(tiny_data, tmp_path):
 def test_bad_shard_header_size_and_tokens(data_copy):
     val = data_copy / "datasets" / "fineweb10B_sp512" / "fineweb_val_000000.bin"
     hp = hparams(DATA_DIR=data_copy, VOCAB_SIZE=512, EVAL_SEQ_LEN=64)
-    write_shard(val, np.arange(100), magic=1234)
+    write_shard(val, np.arange(100))
+    val.write_bytes(b"\x00\x00\x00\x00" + val.read_bytes()[4:])  # clobber the magic number
     with pytest.raises(tg.DataError, match="bad shard header"):
         tg.load_validation_tokens(hp)
     write_shard(val, np.arange(100))

@@ -5,7 +5,7 @@ Run on 8 GPUs with `torchrun --standalone --nproc_per_node=8 train_gpt.py`, on o
 variable (see `Hyperparameters`); each run writes `logs/{RUN_ID}.txt` and `logs/{RUN_ID}.json`.
 
 The file reads in the order data flows: configuration -> runtime & logging -> data -> model ->
-optimizers -> training loop -> evaluation -> main().
+optimizers -> training loop -> quantization & artifact -> evaluation -> main().
 """
 
 import contextlib
@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import lzma
 import math
 import os
 import resource
@@ -23,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+import brotli
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -82,7 +84,7 @@ class Hyperparameters:
     # schedule
     iterations: int = knob(20000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training-time cap (0 = none; then the schedule is step-based)")
-    gptq_reserve_seconds: float = knob(0.0, "seconds of the cap reserved for post-training work")
+    gptq_reserve_seconds: float = knob(12.0, "seconds of the cap reserved for Hessians + GPTQ (they count as training)")
     warmup_steps: int = knob(20, "compile warm-up steps, rolled back before training")
     warmdown_frac: float = knob(0.72, "final fraction of the budget with linearly decaying LR")
     min_lr: float = knob(0.0, "LR multiplier at the end of the warm-down")
@@ -112,6 +114,23 @@ class Hyperparameters:
     adam_eps: float = knob(1e-8, "Adam epsilon")
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)")
     ema_decay: float = knob(0.9965, "EMA decay of the weights, applied at the end (0 = off)")
+    # quantization & artifact
+    gptq_calibration_batches: int = knob(64, "training micro-batches per rank for GPTQ Hessians (0 = round to nearest)")
+    matrix_bits: int = knob(6, "bits of the block matrices")
+    matrix_clip_sigmas: float = knob(12.85, "block matrices: row scale = k * std(row) / (2^(bits-1) - 1)")
+    embed_bits: int = knob(8, "bits of the embedding")
+    embed_clip_sigmas: float = knob(20.0, "embedding: row scale = k * std(row) / (2^(bits-1) - 1)")
+    compressor: str = knob("brotli", "brotli or lzma")
+    allow_over_budget: bool = knob(False, "exploratory run: an artifact over 16,000,000 bytes is not an error")
+    # post-quantization evaluation
+    sliding_window_enabled: bool = knob(True, "also score with overlapping windows")
+    eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
+    ttt_enabled: bool = knob(False, "score-first test-time training on the validation stream")
+    ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine-decayed across chunks)")
+    ttt_epochs: int = knob(3, "TTT passes over each scored chunk")
+    ttt_momentum: float = knob(0.9, "TTT SGD momentum")
+    ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on")
+    ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
     # runtime
     attn_backend: str = knob("auto", "auto, fa3 or sdpa (auto: FlashAttention 3 when importable on CUDA)")
     compile: str = knob("auto", "auto, 1 or 0 (auto: torch.compile on CUDA only)")
@@ -197,6 +216,19 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
          f"must be a multiple of 8 micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
     need(hp.val_batch_tokens >= 8 * hp.eval_seq_len, "VAL_BATCH_TOKENS",
          f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch (8 in all)")
+    need(hp.gptq_calibration_batches >= 0, "GPTQ_CALIBRATION_BATCHES", "must be >= 0")
+    need(2 <= hp.matrix_bits <= 8, "MATRIX_BITS", "must be in 2..8 (codes are stored as int8)")
+    need(2 <= hp.embed_bits <= 8, "EMBED_BITS", "must be in 2..8 (codes are stored as int8)")
+    need(hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
+    need(hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
+    need(hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
+    if hp.sliding_window_enabled:
+        need(0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
+    need(hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
+    need(hp.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS", "must be positive")
+    need(hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
+    need(not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
+         "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
     need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
     need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
     embedding_dim = os.environ.get("EMBEDDING_DIM")
@@ -353,6 +385,10 @@ def peak_memory_mib(device: torch.device) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def autocast(rt: Runtime):
+    return torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.activation_dtype == torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -912,10 +948,6 @@ class Trainer:
         return TrainLoader(self.train_files, self.hp.train_seq_len, self.hp.vocab_size, self.hp.seed,
                            self.rt.rank, self.rt.world_size, self.rt.device)
 
-    def autocast(self):
-        return torch.autocast(self.rt.device.type, dtype=torch.bfloat16,
-                              enabled=self.rt.activation_dtype == torch.bfloat16)
-
     def step(self, step: int, lr_scale: float) -> Tensor:
         """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss."""
         total = torch.zeros((), device=self.rt.device)
@@ -924,7 +956,7 @@ class Trainer:
             x, y = self.loader.next_batch(self.seqs_per_micro)
             sync_now = micro == accum - 1 or not self.rt.distributed
             with contextlib.nullcontext() if sync_now else self.net.no_sync():
-                with self.autocast():
+                with autocast(self.rt):
                     loss = self.net(x, y)
                 (loss / accum).backward()
             total += loss.detach()
@@ -970,7 +1002,7 @@ class Trainer:
     def validate(self, val: "Validation", looped: bool) -> tuple[float, float]:
         previous = self.model.looping
         self.model.looping = looped
-        result = evaluate(self.net, val, self.hp, self.rt, self.autocast)
+        result = evaluate(self.net, val, self.hp, self.rt)
         self.model.looping = previous
         return result
 
@@ -1053,6 +1085,294 @@ def compiled_graph_count() -> int:
 
 
 # -----------------------------------------------------------------------------------------------
+# Quantization & artifact: full-Hessian GPTQ with standard-deviation clipping, a self-describing
+# byte format, compression, and the 16,000,000-byte budget.
+# -----------------------------------------------------------------------------------------------
+
+SUBMISSION_LIMIT_BYTES = 16_000_000
+PASSTHROUGH_MAX_NUMEL = 65_536  # tensors this small (and every non-matrix) are stored as fp16
+ARTIFACT_MAGIC = b"PGQ1"
+ARTIFACT_PATH = "final_model.int6.ptz"
+COMPRESSORS = ("brotli", "lzma")
+# Knobs that change the model's tensors or its forward pass: an artifact only loads into a model
+# built with the same values.
+ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                      "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
+                      "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
+                      "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap", "train_seq_len", "eval_seq_len")
+
+
+class ArtifactError(ValueError):
+    """The artifact file is truncated, corrupted, or made for another model."""
+
+
+def is_quantized(name: str, t: Tensor) -> bool:
+    return t.is_floating_point() and t.ndim == 2 and t.numel() > PASSTHROUGH_MAX_NUMEL
+
+
+def quant_settings(name: str, hp: Hyperparameters) -> tuple[int, float]:
+    """(bits, clip sigmas): the embedding (or untied head) gets its own, every block matrix the matrix ones."""
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return hp.embed_bits, hp.embed_clip_sigmas
+    return hp.matrix_bits, hp.matrix_clip_sigmas
+
+
+def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
+    """H = E[x xᵀ] of the input of every quantized matrix, over calibration batches and all ranks.
+
+    Hooks fire on every call, so a looped layer accumulates over all of its passes. The tied
+    embedding's (or untied head's) input is the final hidden state.
+    """
+    targets = {f"{name}.weight": m for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and is_quantized(name, m.weight)}
+    hessians = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in targets.items()}
+    head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    hessians[head] = torch.zeros(model.hp.model_dim, model.hp.model_dim, device=rt.device)
+
+    def accumulate(name: str, x: Tensor) -> None:
+        x = x.detach().flatten(0, -2).float()
+        hessians[name].addmm_(x.T, x)
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: accumulate(name, inp[0]))
+             for name, m in targets.items()]
+    model.eval()
+    count = 0
+    with torch.no_grad(), autocast(rt):
+        for x in batches:
+            accumulate(head, model.hidden_states(x))
+            count += 1
+    for hook in hooks:
+        hook.remove()
+    model.train()
+    for h in hessians.values():
+        if rt.distributed:
+            dist.all_reduce(h)
+        h /= max(count * rt.world_size, 1)
+    return hessians
+
+
+def row_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
+    """SDClip: each row's step is k·std(row)/qmax, rounded to fp16 as it is stored."""
+    qmax = 2 ** (bits - 1) - 1
+    return (clip_sigmas * w.float().std(dim=1) / qmax).clamp_min(1e-8).half().float()
+
+
+def gptq_quantize(w: Tensor, hessian: Optional[Tensor], bits: int, clip_sigmas: float,
+                  block_size: int = 128, damping: float = 0.01) -> tuple[Tensor, Tensor]:
+    """Quantize w (rows × cols) to signed `bits`-bit codes with per-row scales.
+
+    Columns are visited in order of decreasing Hessian diagonal; each column's rounding error is
+    spread over the columns not yet quantized through the inverse-Hessian Cholesky factor, in
+    blocks of `block_size` columns. Columns whose input is always zero ("dead") are set to 0.
+    Without a Hessian this is round-to-nearest.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float()
+    scale = row_scales(w, bits, clip_sigmas)
+    if hessian is None:
+        return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8), scale.half()
+    rows, cols = w.shape
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True)
+    work = w.clone()
+    work[:, dead] = 0.0
+    work, h = work[:, order], h[order][:, order]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        block = work[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            q = torch.clamp(torch.round(block[:, j] / scale), -qmax, qmax)
+            codes[:, start + j] = q.to(torch.int8)
+            err = (block[:, j] - q * scale) / u[start + j, start + j]
+            block[:, j:] -= err[:, None] * u[start + j, start + j:end][None, :]
+            errors[:, j] = err
+        work[:, end:] -= errors @ u[start:end, end:]
+    return codes[:, torch.argsort(order)], scale.half()
+
+
+def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
+    return codes.float() * scale.float()[:, None]
+
+
+def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, dict]:
+    """name -> {'codes', 'scale', 'bits'} for quantized matrices, {'fp16'} for everything else."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if is_quantized(name, t):
+            bits, sigmas = quant_settings(name, hp)
+            codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
+            out[name] = dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+        else:
+            out[name] = dict(fp16=t.detach().half().cpu())
+    return out
+
+
+def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
+    return {name: dequantize(q["codes"], q["scale"]) if "codes" in q else q["fp16"].float()
+            for name, q in quantized.items()}
+
+
+def byte_planes(data: bytes, width: int) -> bytes:
+    """Group byte k of every `width`-byte element together: fp16 high bytes compress far better alone."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+def from_byte_planes(data: bytes, width: int) -> bytes:
+    return np.frombuffer(data, dtype=np.uint8).reshape(width, -1).T.tobytes()
+
+
+def compress(raw: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        return brotli.compress(raw, quality=11)
+    return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+
+
+def decompress(blob: bytes, compressor: str) -> bytes:
+    try:
+        return brotli.decompress(blob) if compressor == "brotli" else lzma.decompress(blob)
+    except (brotli.error, lzma.LZMAError) as exc:
+        raise ArtifactError(f"cannot decompress the artifact ({compressor}): {exc}; the file is truncated or corrupted") from None
+
+
+def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes:
+    """MAGIC | compressor name | compressed(header length | JSON header | tensor bytes).
+
+    The header lists every tensor (kind, shape, byte range), the architecture knobs the model was
+    built with, and a SHA-256 of the tensor bytes, so a loader can refuse what it cannot use.
+    """
+    entries, chunks, offset = [], [], 0
+
+    def add(data: bytes) -> list[int]:
+        nonlocal offset
+        chunks.append(data)
+        offset += len(data)
+        return [offset - len(data), len(data)]
+
+    for name, q in quantized.items():
+        if "codes" in q:
+            entries.append(dict(name=name, kind="int", bits=q["bits"], shape=list(q["codes"].shape),
+                                codes=add(q["codes"].numpy().tobytes()),
+                                scale=add(byte_planes(q["scale"].numpy().tobytes(), 2))))
+        else:
+            entries.append(dict(name=name, kind="fp16", shape=list(q["fp16"].shape),
+                                data=add(byte_planes(q["fp16"].numpy().tobytes(), 2))))
+    payload = b"".join(chunks)
+    header = json.dumps(dict(format=1, architecture={k: getattr(hp, k) for k in ARCHITECTURE_KNOBS},
+                             tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest())).encode()
+    raw = len(header).to_bytes(4, "little") + header + payload
+    name = hp.compressor.encode()
+    return ARTIFACT_MAGIC + bytes([len(name)]) + name + compress(raw, hp.compressor)
+
+
+def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
+    """Inverse of serialize_artifact; every failure is an ArtifactError saying what is wrong."""
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 6:
+        raise ArtifactError(f"not a model artifact (expected magic {ARTIFACT_MAGIC!r})")
+    name_len = blob[4]
+    compressor = blob[5:5 + name_len].decode(errors="replace")
+    if compressor not in COMPRESSORS:
+        raise ArtifactError(f"unknown compressor {compressor!r} in the artifact header")
+    raw = decompress(blob[5 + name_len:], compressor)
+    header_len = int.from_bytes(raw[:4], "little")
+    try:
+        header = json.loads(raw[4:4 + header_len])
+    except ValueError:
+        raise ArtifactError("artifact header is not valid JSON; the file is corrupted") from None
+    payload = raw[4 + header_len:]
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise ArtifactError("artifact payload does not match its checksum; the file is corrupted")
+    ours = {k: getattr(hp, k) for k in ARCHITECTURE_KNOBS}
+    diff = [f"{k.upper()}={header['architecture'].get(k)!r} (this run: {v!r})"
+            for k, v in ours.items() if header["architecture"].get(k) != v]
+    if diff:
+        raise ArtifactError("artifact was made for another model: " + ", ".join(diff))
+
+    def read(span: list[int]) -> bytes:
+        return payload[span[0]:span[0] + span[1]]
+
+    out = {}
+    for e in header["tensors"]:
+        if e["kind"] == "int":
+            codes = torch.from_numpy(np.frombuffer(read(e["codes"]), dtype=np.int8).reshape(e["shape"]).copy())
+            scale = torch.from_numpy(np.frombuffer(from_byte_planes(read(e["scale"]), 2), dtype=np.float16).copy())
+            out[e["name"]] = dict(codes=codes, scale=scale, bits=e["bits"])
+        else:
+            data = np.frombuffer(from_byte_planes(read(e["data"]), 2), dtype=np.float16).reshape(e["shape"])
+            out[e["name"]] = dict(fp16=torch.from_numpy(data.copy()))
+    return out
+
+
+def load_artifact(path: Path, hp: Hyperparameters, rt: Runtime) -> GPT:
+    """A fresh model with the artifact's dequantized weights, loaded strictly."""
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist")
+    state = dequantize_state(parse_artifact(path.read_bytes(), hp))
+    model = GPT(hp, rt.attn_backend, rt.activation_dtype)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"artifact tensors do not fit this model: {exc}") from None
+    return model.to(rt.device)
+
+
+def describe_quantization(quantized: dict[str, dict]) -> list[str]:
+    """One log line per storage kind: how many tensors and values it holds."""
+    tensors, values = {}, {}
+    for q in quantized.values():
+        kind = f"int{q['bits']} GPTQ" if "codes" in q else "fp16 passthrough"
+        tensors[kind] = tensors.get(kind, 0) + 1
+        values[kind] = values.get(kind, 0) + (q["codes"] if "codes" in q else q["fp16"]).numel()
+    return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
+
+
+def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
+    """Hessians -> GPTQ -> bytes -> file (rank 0); logs sizes and times, returns them."""
+    hp, rt, log = trainer.hp, trainer.rt, trainer.log
+    t0 = time.perf_counter()
+    trainer.model.looping = hp.num_loops > 0  # calibrate the graph that is evaluated
+    batches = (trainer.loader.next_batch(trainer.seqs_per_micro)[0] for _ in range(hp.gptq_calibration_batches))
+    hessians = collect_hessians(trainer.model, batches, rt) if hp.gptq_calibration_batches else {}
+    synchronize(rt.device)
+    hessian_s = time.perf_counter() - t0
+    log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
+    t1 = time.perf_counter()
+    quantized = quantize_state(trainer.model, hessians, hp)
+    quant_s = time.perf_counter() - t1
+    log(f"GPTQ:quantized in {quant_s:.1f}s; Hessians + GPTQ took {hessian_s + quant_s:.1f}s "
+        f"of GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s")
+    if hp.max_wallclock_seconds > 0 and hessian_s + quant_s > hp.gptq_reserve_seconds:
+        log("WARNING: Hessians + GPTQ overran GPTQ_RESERVE_SECONDS: training + quantization exceeded MAX_WALLCLOCK_SECONDS")
+    for line in describe_quantization(quantized):
+        log(line)
+    t2 = time.perf_counter()
+    blob = serialize_artifact(quantized, hp)
+    serialize_s = time.perf_counter() - t2
+    if rt.is_main:
+        Path(ARTIFACT_PATH).write_bytes(blob)
+    if rt.distributed:
+        dist.barrier()
+    model_bytes = Path(ARTIFACT_PATH).stat().st_size
+    total = model_bytes + code_bytes
+    log(f"Serialized model quantized+{hp.compressor}: {model_bytes} bytes")
+    log(f"Code size: {code_bytes} bytes")
+    log(f"Total submission size quantized+{hp.compressor}: {total} bytes")
+    over = total > SUBMISSION_LIMIT_BYTES
+    if over:
+        log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {SUBMISSION_LIMIT_BYTES} "
+            f"(by {total - SUBMISSION_LIMIT_BYTES}); not a valid submission"
+            + (" (ALLOW_OVER_BUDGET=1: exploratory run)" if hp.allow_over_budget else ""))
+    return dict(artifact_bytes=model_bytes, code_bytes=code_bytes, total_bytes=total, artifact_over_budget=over,
+                gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
+                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3))
+
+
+# -----------------------------------------------------------------------------------------------
 # Evaluation: mean NLL over the whole validation split, in nats/token and bits/byte.
 # -----------------------------------------------------------------------------------------------
 
@@ -1063,7 +1383,7 @@ class Validation:
     bytes: ByteCounts
 
 
-def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime, autocast) -> tuple[float, float]:
+def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
     """Each rank scores a contiguous share of the EVAL_SEQ_LEN sequences; sums are all-reduced."""
     seq_len = hp.eval_seq_len
     total_seqs = (len(val.tokens) - 1) // seq_len
@@ -1078,7 +1398,7 @@ def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime, 
             e = min(s + batch_seqs, end)
             chunk = torch.from_numpy(val.tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
             x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-            with autocast():
+            with autocast(rt):
                 loss = net(x, y)
             sums[0] += loss.double() * y.numel()
             sums[1] += y.numel()
@@ -1094,14 +1414,149 @@ def nats_and_bpb(nll_sum: float, tokens: float, num_bytes: float) -> tuple[float
     return loss, nll_sum / math.log(2.0) / num_bytes
 
 
-def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float]:
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """Inputs tokens[start : start+length]; targets are the next tokens; positions first..length-1 are scored."""
+
+    start: int
+    length: int
+    first: int
+
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]:
+    """Windows advanced by `stride`: the first scores all its targets, each later one only its last `stride`.
+
+    Window k >= 1 scores targets [seq_len + (k-1)·stride, seq_len + k·stride), so every target is
+    scored exactly once, with at least seq_len - stride tokens of left context after the first window.
+    """
+    windows, start = [], 0
+    while True:
+        length = min(seq_len, num_targets - start)
+        first = 0 if start == 0 else seq_len - stride
+        if first >= length:
+            return windows
+        windows.append(Window(start, length, first))
+        start += stride
+
+
+def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: int, seq_len: int,
+                  counts: ByteCounts, rt: Runtime) -> Tensor:
+    """Sums [nll, tokens, bytes] over the scored positions of `windows` (batches padded to a fixed shape)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch]
+        x = np.zeros((batch, seq_len), dtype=np.int64)
+        y = np.zeros((batch, seq_len), dtype=np.int64)
+        mask = np.zeros((batch, seq_len), dtype=bool)
+        for r, w in enumerate(group):
+            x[r, :w.length] = tokens[w.start:w.start + w.length]
+            y[r, :w.length] = tokens[w.start + 1:w.start + w.length + 1]
+            mask[r, w.first:w.length] = True
+        x, y, mask = (torch.from_numpy(a).to(rt.device) for a in (x, y, mask))
+        with torch.no_grad(), autocast(rt):
+            logits = logits_fn(x)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        sums[0] += nll[mask].double().sum()
+        sums[1] += mask.sum()
+        sums[2] += counts.count(x[mask], y[mask]).sum()
+    return sums
+
+
+def my_share(items: list, rt: Runtime) -> list:
+    return items[len(items) * rt.rank // rt.world_size:len(items) * (rt.rank + 1) // rt.world_size]
+
+
+def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtime, epochs: int,
+                     observer=None) -> tuple[float, float]:
+    """Sliding-window scoring, chunk by chunk; with epochs > 0, score-first test-time training.
+
+    The stream is cut into TTT_CHUNK_TOKENS chunks by the position of each window's first scored
+    target. Each chunk is first scored under no_grad, and only then (except the last chunk) the model
+    trains on that chunk's tokens with SGD: TTT_EPOCHS passes, LR cosine-decayed across chunks,
+    gradients averaged over ranks and clipped. No target is scored twice or trained on before it is
+    scored. `observer(kind, positions)` ('score' or 'train', target positions) lets tests check that.
+    With epochs = 0 this is plain sliding-window evaluation.
+    """
+    seq_len, tokens = hp.eval_seq_len, val.tokens
+    num_targets = len(tokens) - 1
+    windows = sliding_windows(num_targets, seq_len, hp.eval_stride)
+    num_chunks = -(-num_targets // hp.ttt_chunk_tokens)
+    per_chunk = [[] for _ in range(num_chunks)]
+    for w in windows:
+        per_chunk[(w.start + w.first) // hp.ttt_chunk_tokens].append(w)
+    batch = max(1, hp.val_batch_tokens // (8 * seq_len))
+    counts = val.bytes.to(rt.device)
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if rt.compile else model.forward_logits
+    train_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile and epochs > 0 else model
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum) if epochs > 0 else None
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for c, chunk_windows in enumerate(per_chunk):
+        model.eval()
+        mine = my_share(chunk_windows, rt)
+        sums += score_windows(logits_fn, tokens, mine, batch, seq_len, counts, rt)
+        if observer is not None:
+            observer("score", [w.start + 1 + p for w in mine for p in range(w.first, w.length)])
+        if optimizer is None or c == num_chunks - 1:
+            continue
+        lr = hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        chunk_start = c * hp.ttt_chunk_tokens
+        chunk_end = min(chunk_start + hp.ttt_chunk_tokens, num_targets)
+        starts = list(range(chunk_start, chunk_end - seq_len + 1, seq_len))
+        model.train()
+        for _ in range(epochs):
+            for i in range(0, len(starts), batch):
+                ttt_step(train_fn, model, optimizer, tokens, my_share(starts[i:i + batch], rt),
+                         len(starts[i:i + batch]) * seq_len, hp, rt, observer)
+    model.eval()
+    if rt.distributed:
+        dist.all_reduce(sums)
+    return nats_and_bpb(*sums.tolist())
+
+
+def ttt_step(train_fn, model: GPT, optimizer, tokens: np.ndarray, starts: list[int], global_tokens: int,
+             hp: Hyperparameters, rt: Runtime, observer) -> None:
+    """One SGD step on sequences starting at `starts` (this rank's share of a global batch).
+
+    Each rank backpropagates its summed loss over the global token count and gradients are summed
+    across ranks, so the step is the exact mean over the global batch even when shares are uneven
+    (a rank with no share still joins the all-reduce).
+    """
+    optimizer.zero_grad(set_to_none=False)
+    if starts:
+        seq_len = hp.eval_seq_len
+        rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+        chunk = torch.from_numpy(rows).to(rt.device)
+        with autocast(rt):
+            loss = train_fn(chunk[:, :-1], chunk[:, 1:])
+        (loss * (len(starts) * seq_len / global_tokens)).backward()
+        if observer is not None:
+            observer("train", [s + 1 + p for s in starts for p in range(seq_len)])
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    if rt.distributed:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    if hp.ttt_grad_clip > 0:
+        nn.utils.clip_grad_norm_(list(model.parameters()), hp.ttt_grad_clip)
+    optimizer.step()
+
+
+def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, int]:
     synchronize(rt.device)
     t0 = time.perf_counter()
     loss, bpb = fn()
     synchronize(rt.device)
-    ms = 1000.0 * (time.perf_counter() - t0)
-    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms:.0f}ms")
-    return loss, bpb
+    ms = round(1000.0 * (time.perf_counter() - t0))
+    log(f"{label} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{ms}ms")
+    return loss, bpb, ms
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1109,34 +1564,64 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float]:
 # -----------------------------------------------------------------------------------------------
 
 
-def log_configuration(hp: Hyperparameters, rt: Runtime, model: GPT, log: RunLog) -> None:
+def log_configuration(hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     log("Hyperparameters:")
     for name, value in sorted(hp.as_dict().items()):
         log(f"  {name}: {value}")
     log(f"runtime: world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{device_name(rt.device)} "
         f"compile:{int(rt.compile)} activation_dtype:{str(rt.activation_dtype).removeprefix('torch.')}")
     log(f"attention: {rt.attn_backend}")
+
+
+def log_model(model: GPT, log: RunLog) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(hp, True))} {format_plan(model)}")
+    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(model.hp, True))} {format_plan(model)}")
     log.update(model_params=n_params)
 
 
-def run(hp: Hyperparameters, rt: Runtime) -> None:
+def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
+    """Artifact, then the scores of the model loaded back from it. Returns whether the budget holds."""
+    hp, rt, log = trainer.hp, trainer.rt, trainer.log
+    looped = hp.num_loops > 0
+    pre_loss, pre_bpb, pre_ms = timed_eval("pre-quantization post-ema", lambda: trainer.validate(val, looped), log, rt)
+    log.metric(pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb, pre_quant_eval_ms=pre_ms)
+    artifact = build_artifact(trainer, code_bytes)
+    log.update(**artifact)
+
+    def fresh_model() -> GPT:
+        model = load_artifact(Path(ARTIFACT_PATH), hp, rt)
+        model.looping = looped
+        return model
+
+    model = fresh_model()
+    net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+    loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
+    log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms,
+               quantization_gap_bpb=bpb - pre_bpb)
+    if hp.sliding_window_enabled:
+        loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0), log, rt)
+        log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
+    if hp.ttt_enabled:
+        model = fresh_model()
+        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs), log, rt)
+        log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
+    return not artifact["artifact_over_budget"] or hp.allow_over_budget
+
+
+def run(hp: Hyperparameters, rt: Runtime) -> bool:
     code = Path(__file__).read_text(encoding="utf-8")
     log = RunLog(hp, rt, code)
+    log_configuration(hp, rt, log)
     try:
-        torch.manual_seed(hp.seed)
-        np.random.seed(hp.seed)
         sp = load_tokenizer(hp)
         val = Validation(load_validation_tokens(hp), byte_counts(sp))
         trainer = Trainer(hp, rt, log)
-        log_configuration(hp, rt, trainer.model, log)
+        log_model(trainer.model, log)
         log(f"train_shards: {len(trainer.train_files)} val_tokens: {len(val.tokens) - 1}")
         trainer.train(val)
-        loss, bpb = timed_eval("pre-quantization post-ema",
-                               lambda: trainer.validate(val, looped=hp.num_loops > 0), log, rt)
-        log.metric(pre_quant_val_loss=loss, pre_quant_val_bpb=bpb)
-        log.update(status="completed")
+        within_budget = post_training(trainer, val, len(code.encode("utf-8")))
+        log.update(status="completed" if within_budget else "over_budget")
+        return within_budget
     except BaseException as exc:
         log.update(status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
@@ -1149,9 +1634,13 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"train_gpt.py: configuration error: {exc}")
     try:
-        run(hp, rt)
+        if not run(hp, rt):
+            sys.exit(f"train_gpt.py: the submission is over {SUBMISSION_LIMIT_BYTES} bytes (see the log); "
+                     "set ALLOW_OVER_BUDGET=1 for an exploratory run")
     except DataError as exc:
         sys.exit(f"train_gpt.py: data error: {exc}")
+    except ArtifactError as exc:
+        sys.exit(f"train_gpt.py: artifact error: {exc}")
     finally:
         if rt.distributed and dist.is_initialized():
             dist.destroy_process_group()

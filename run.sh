@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job, on whatever machine this is.
+#
+# With NVIDIA GPUs: fetch the challenge's sp8192 FineWeb into data/ (unless it is there) and train the
+# default (record-stack) configuration on every GPU under the 600 s cap:
+#     torchrun --standalone --nproc_per_node=<GPUs> train_gpt.py
+# Without GPUs (or without hub access): build a small real-English dataset from the documentation that
+# ships with Python (no network needed) and train the small CPU configuration on it under torchrun with
+# 2 processes, ending with the post-quantization val_bpb of the artifact. Every variable below can be
+# overridden from the environment, like any train_gpt.py knob. Logs go to ./logs/ of the current directory.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+
+if (( gpus > 0 )); then
+  : "${DATA_DIR:=$here/data}"
+  export DATA_DIR
+  if [[ ! -f $DATA_DIR/tokenizers/fineweb_${VOCAB_SIZE:-8192}_bpe.model ]]; then
+    python3 "$here/data/cached_challenge_fineweb.py" --variant "sp${VOCAB_SIZE:-8192}" \
+      --train-shards "${TRAIN_SHARDS:-80}" --data-dir "$DATA_DIR"
+  fi
+  exec torchrun --standalone --nproc_per_node="$gpus" "$here/train_gpt.py"
+fi
+
+: "${DATA_DIR:=$here/data/demo}"
+: "${VOCAB_SIZE:=1024}"
+if [[ ! -f $DATA_DIR/tokenizers/fineweb_${VOCAB_SIZE}_bpe.model ]]; then
+  python3 "$here/data/build_dataset.py" --python-docs --vocab-size "$VOCAB_SIZE" --val-docs 40 --out "$DATA_DIR"
+fi
+: "${NUM_LAYERS:=4}" "${MODEL_DIM:=160}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}" "${MLP_MULT:=4}"
+: "${NUM_LOOPS:=2}" "${LOOP_START:=1}" "${LOOP_END:=2}" "${PARALLEL_RESIDUAL_START:=3}" "${XSA_LAST_N:=4}"
+: "${TRAIN_SEQ_LEN:=128}" "${EVAL_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${VAL_BATCH_TOKENS:=65536}"
+: "${MAX_WALLCLOCK_SECONDS:=120}" "${GPTQ_RESERVE_SECONDS:=5}" "${GPTQ_CALIBRATION_BATCHES:=8}"
+: "${WARMUP_STEPS:=0}" "${VAL_LOSS_EVERY:=0}" "${TRAIN_LOG_EVERY:=10}" "${EMA_DECAY:=0.9}"
+: "${MUON_MOMENTUM_WARMUP_STEPS:=50}" "${ROPE_DIMS:=16}"
+export DATA_DIR VOCAB_SIZE NUM_LAYERS MODEL_DIM NUM_HEADS NUM_KV_HEADS MLP_MULT NUM_LOOPS LOOP_START LOOP_END \
+  PARALLEL_RESIDUAL_START XSA_LAST_N TRAIN_SEQ_LEN EVAL_SEQ_LEN TRAIN_BATCH_TOKENS VAL_BATCH_TOKENS \
+  MAX_WALLCLOCK_SECONDS GPTQ_RESERVE_SECONDS GPTQ_CALIBRATION_BATCHES WARMUP_STEPS VAL_LOSS_EVERY TRAIN_LOG_EVERY \
+  EMA_DECAY MUON_MOMENTUM_WARMUP_STEPS ROPE_DIMS
+exec torchrun --standalone --nproc_per_node="${NPROC:-2}" "$here/train_gpt.py"

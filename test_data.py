@@ -1,0 +1,216 @@
+"""Tests of data/: the dataset builder, and the downloader against a local server that speaks the hub's protocol."""
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt as tg
+from conftest import pseudo_language
+from data import build_dataset as bd
+
+REPO = Path(__file__).resolve().parent
+DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
+BUILDER = REPO / "data" / "build_dataset.py"
+
+
+# --- building from local text ----------------------------------------------------------------------
+
+
+def test_builder_writes_a_dataset_train_gpt_reads(tmp_path):
+    docs = pseudo_language(300, seed=5)
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:150]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[150:]))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(BUILDER), "--text", str(tmp_path / "a.txt"), "--jsonl",
+                             str(tmp_path / "b.jsonl"), "--vocab-size", "400", "--val-docs", "20",
+                             "--shard-tokens", "5000", "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "docs_per_second=" in result.stdout and "tokens_per_second=" in result.stdout
+    hp = tg.Hyperparameters.from_env({"DATA_DIR": str(out), "VOCAB_SIZE": "400", "EVAL_SEQ_LEN": "16"})
+    sp = tg.load_tokenizer(hp)
+    train = tg.find_shards(hp, "train")
+    assert len(train) > 1 and all(tg.shard_token_count(f) <= 5000 for f in train)
+    val = np.concatenate([np.asarray(tg.open_shard(f)) for f in tg.find_shards(hp, "val")])
+    starts = np.flatnonzero(val == 1)
+    assert starts[0] == 0 and len(starts) == 20  # every document starts with BOS; the first 20 are validation
+    assert [sp.decode(d[1:].tolist()) for d in np.split(val, starts[1:])] == docs[:20]
+    assert 2 not in val  # no EOS
+    trained = spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "fineweb_400_bpe.model"))
+    assert trained.is_byte(4) and trained.bos_id() == 1 and trained.pad_id() == 0 and trained.unk_id() == 3
+    assert trained.encode("2026") == [trained.piece_to_id(c) for c in "2026"]  # digits are split
+
+
+def test_builder_reuses_a_tokenizer_and_checks_its_size(tmp_path, tiny_data):
+    docs = pseudo_language(60, seed=9)
+    model = tiny_data["root"] / "tokenizers" / "fineweb_512_bpe.model"
+    stats = bd.build(docs, tmp_path, 512, 10, 10**6, tokenizer=model, log=lambda _: None)
+    assert stats["val_documents"] == 10 and (tmp_path / "tokenizers" / "fineweb_512_bpe.model").read_bytes() == model.read_bytes()
+    with pytest.raises(bd.BuildError, match="has 512 pieces, not --vocab-size 1024"):
+        bd.build(docs, tmp_path, 1024, 10, 10**6, tokenizer=model, log=lambda _: None)
+
+
+def test_builder_errors_name_the_input(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    result = subprocess.run([sys.executable, str(BUILDER), "--jsonl", str(bad), "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and f"{bad}:2: expected a JSON object with a string field 'text'" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(bd.BuildError, match="--val-docs 5: need at least one validation and one training"):
+        bd.build(["a", "b", "c", "d", "e"], tmp_path, 300, 5, 100)
+
+
+def test_python_docs_are_real_text():
+    docs = list(bd.python_doc_documents())
+    assert len(docs) > 100 and sum(map(len, docs)) > 300_000
+
+
+# --- downloading from a hub ----------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Serves `files` (remote path -> bytes) of dataset repo `repo` at /datasets/<repo>/resolve/<rev>/<path>."""
+
+    def __init__(self, repo: str, files: dict[str, bytes]):
+        self.repo, self.files, self.gets = repo, files, []
+        super().__init__(("127.0.0.1", 0), HubHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def resolve(self):
+        prefix = f"/datasets/{self.server.repo}/resolve/main/"
+        path = self.path.split("?")[0]
+        data = self.server.files.get(path[len(prefix):]) if path.startswith(prefix) else None
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound" if path.startswith(prefix) else "RepoNotFound")
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return data
+
+    def do_HEAD(self):
+        self.resolve()
+
+    def do_GET(self):
+        data = self.resolve()
+        if data is not None:
+            self.server.gets.append(self.path)
+            self.wfile.write(data)
+
+
+def shard_bytes(tokens) -> bytes:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = 20240520, 1, len(tokens)
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+@pytest.fixture
+def hub():
+    manifest = {"datasets": [{"name": "fineweb10B_sp64", "tokenizer_name": "sp_bpe_64",
+                              "stats": {"files_train": 3, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_bpe_64", "model_path": "tokenizers/fineweb_64_bpe.model",
+                                "vocab_path": "tokenizers/fineweb_64_bpe.vocab"}]}
+    files = {"datasets/manifest.json": json.dumps(manifest).encode(),
+             "datasets/tokenizers/fineweb_64_bpe.model": b"model-bytes",
+             "datasets/tokenizers/fineweb_64_bpe.vocab": b"vocab-bytes",
+             "datasets/datasets/fineweb10B_sp64/fineweb_val_000000.bin": shard_bytes(range(50))}
+    for i in range(3):
+        files[f"datasets/datasets/fineweb10B_sp64/fineweb_train_{i:06d}.bin"] = shard_bytes([i] * 100)
+    server = FakeHub("someone/golf-data", files)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def download(hub_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {"HF_ENDPOINT": hub_url, "HF_HUB_CACHE": str(tmp_path / "cache"), "MATCHED_FINEWEB_REPO_ID": "someone/golf-data",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, str(DOWNLOADER), "--data-dir", str(tmp_path / "data"), *args],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_downloads_the_variant_into_the_train_gpt_layout(hub, tmp_path):
+    result = download(hub.url, tmp_path, "--variant", "sp64", "--train-shards", "2")
+    assert result.returncode == 0, result.stderr
+    data = tmp_path / "data"
+    shards = data / "datasets" / "fineweb10B_sp64"
+    assert sorted(p.name for p in shards.iterdir()) == ["fineweb_train_000000.bin", "fineweb_train_000001.bin",
+                                                         "fineweb_val_000000.bin"]
+    assert (data / "tokenizers" / "fineweb_64_bpe.model").read_bytes() == b"model-bytes"
+    assert all(tg.shard_token_count(p) for p in shards.iterdir())
+    assert "[1/5]" in result.stdout and "downloaded" in result.stdout
+    # a second run fetches nothing but the manifest; a damaged shard is fetched again
+    hub.gets.clear()
+    (shards / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)
+    again = download(hub.url, tmp_path, "--variant", "sp64", "--train-shards", "2")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("present, skipped") == 4
+    fetched = [g.rsplit("/", 1)[1] for g in hub.gets]
+    assert "fineweb_train_000000.bin" not in fetched
+    assert tg.shard_token_count(shards / "fineweb_train_000001.bin") == 100
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "gpt2"], "unknown variant 'gpt2'"),
+    (["--variant", "sp64", "--train-shards", "9"], "--train-shards 9: someone/golf-data has only 3 training shards"),
+    (["--variant", "sp8192"], "variant 'sp8192' is not in someone/golf-data's manifest; it has: sp64"),
+])
+def test_download_errors_are_clear(hub, tmp_path, args, message):
+    result = download(hub.url, tmp_path, *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_network_failure_names_the_url(tmp_path):
+    result = download("http://127.0.0.1:9", tmp_path, "--variant", "sp64")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could not download http://127.0.0.1:9/datasets/" in result.stderr and "run the same command again" in result.stderr
+
+
+# --- the main job on a machine without GPUs or hub access ----------------------------------------
+
+
+def test_run_sh_builds_a_demo_dataset_and_trains_on_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DATA_DIR=str(tmp_path / "demo"), MAX_WALLCLOCK_SECONDS="25", GPTQ_RESERVE_SECONDS="3",
+               SLIDING_WINDOW_ENABLED="0", RUN_ID="demo", OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(REPO / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "demo.txt").read_text()
+    assert "world_size:2" in log and "stopping_early: wallclock_cap" in log
+    bpb = float(re.search(r"^quantized val_loss:\S+ val_bpb:(\S+) eval_time:\d+ms$", log, re.M).group(1))
+    hp = tg.Hyperparameters.from_env({"DATA_DIR": str(tmp_path / "demo"), "VOCAB_SIZE": "1024", "EVAL_SEQ_LEN": "128"})
+    tokens = tg.load_validation_tokens(hp).astype(np.int64)
+    counts = tg.byte_counts(tg.load_tokenizer(hp))
+    num_bytes = counts.count(torch.from_numpy(tokens[:-1]), torch.from_numpy(tokens[1:])).sum().item()
+    uniform = np.log2(1024) * (len(tokens) - 1) / num_bytes
+    assert bpb < 0.8 * uniform
