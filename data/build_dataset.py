@@ -8,7 +8,8 @@ Documents come from text files (one document per blank-line-separated block), JS
 field per line), or `--python-docs` (the English documentation topics that ship with CPython's
 pydoc). The first `--val-docs` documents are the validation split. Unless `--tokenizer` names an
 existing model, a BPE tokenizer is trained on the training split with the challenge's settings
-(byte fallback, split digits, nmt_nfkc, no dummy prefix; pad 0, bos 1, eos 2, unk 3). Every document
+(byte fallback, split digits, nmt_nfkc, no dummy prefix, character coverage 0.999; pad 0, bos 1,
+eos 2, unk 3). Every document
 is written as BOS followed by its tokens (no EOS) into shards of at most `--shard-tokens` tokens:
 
     OUT/datasets/fineweb10B_sp{V}/fineweb_{train,val}_{000000..}.bin
@@ -96,7 +97,8 @@ def collect_documents(args) -> list[str]:
 # --- tokenizer and shards ------------------------------------------------------------------------
 
 
-def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, threads: int = 1) -> spm.SentencePieceProcessor:
+def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, threads: int = 1,
+                    character_coverage: float = 0.999) -> spm.SentencePieceProcessor:
     """BPE with the challenge's settings; writes PREFIX.model and PREFIX.vocab."""
     if vocab_size < 260:
         raise BuildError(f"--vocab-size {vocab_size}: byte fallback needs at least 256 byte pieces + 4 specials")
@@ -105,10 +107,11 @@ def train_tokenizer(docs: Iterable[str], prefix: Path, vocab_size: int, threads:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(docs), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
             byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
-            pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3, character_coverage=0.9995, num_threads=threads,
-            max_sentence_length=1 << 16, minloglevel=2)
+            pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3, character_coverage=character_coverage,
+            hard_vocab_limit=False, num_threads=threads, max_sentence_length=1 << 16, minloglevel=2)
     except RuntimeError as exc:
-        raise BuildError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this text: {exc}") from None
+        raise BuildError(f"SentencePiece could not train a {vocab_size}-piece tokenizer on this text: {exc}; "
+                         f"lower --character-coverage (byte fallback encodes the rarer characters)") from None
     return spm.SentencePieceProcessor(model_file=f"{prefix}.model")
 
 
@@ -147,7 +150,7 @@ def write_split(sp: spm.SentencePieceProcessor, docs: list[str], directory: Path
 
 
 def build(docs: list[str], out: Path, vocab_size: int, val_docs: int, shard_tokens: int,
-          tokenizer: Path | None = None, threads: int = 1, log=print) -> dict:
+          tokenizer: Path | None = None, threads: int = 1, character_coverage: float = 0.999, log=print) -> dict:
     """The whole pipeline; returns counts and timings."""
     if not 0 < val_docs < len(docs):
         raise BuildError(f"--val-docs {val_docs}: need at least one validation and one training document "
@@ -156,7 +159,7 @@ def build(docs: list[str], out: Path, vocab_size: int, val_docs: int, shard_toke
     model_path = out / "tokenizers" / f"fineweb_{vocab_size}_bpe.model"
     t0 = time.perf_counter()
     if tokenizer is None:
-        sp = train_tokenizer(train, model_path.with_suffix(""), vocab_size, threads)
+        sp = train_tokenizer(train, model_path.with_suffix(""), vocab_size, threads, character_coverage)
     else:
         if not tokenizer.is_file():
             raise BuildError(f"--tokenizer {tokenizer}: no such file")
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-docs", type=int, default=50, help="the first N documents are validation (default: 50)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
     parser.add_argument("--threads", type=int, default=1, help="SentencePiece training threads")
+    parser.add_argument("--character-coverage", type=float, default=0.999,
+                        help="share of characters given their own piece (default 0.999, the challenge's)")
     args = parser.parse_args(argv)
     try:
         if args.shard_tokens <= 0:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vocab_size > 65536:
             raise BuildError(f"--vocab-size {args.vocab_size}: shards store uint16 tokens, so at most 65536")
         build(collect_documents(args), args.out, args.vocab_size, args.val_docs, args.shard_tokens,
-              args.tokenizer, args.threads)
+              args.tokenizer, args.threads, args.character_coverage)
     except BuildError as exc:
         print(f"build_dataset.py: error: {exc}", file=sys.stderr)
         return 2
