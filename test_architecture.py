@@ -227,7 +227,8 @@ def test_parallel_layers_and_xsa_flags():
 
 
 def test_xsa_removes_own_value_direction():
-    y, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8)
+    y, v = torch.randn(2, 4, 5, 8).transpose(1, 2), torch.randn(2, 5, 2, 8)  # (B, T, H, D), non-contiguous like SDPA's
+    assert not y.is_contiguous()
     out = tg.remove_self_value(y, v)
     vn = torch.nn.functional.normalize(v, dim=-1).repeat_interleave(2, dim=2)
     assert torch.allclose((out * vn).sum(-1), torch.zeros(2, 5, 4), atol=1e-5)

@@ -617,9 +617,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA: drop from each head's output its component along its own position's normalized value."""
     b, t, h, d = y.shape
-    groups = y.view(b, t, v.size(2), h // v.size(2), d)
+    groups = y.reshape(b, t, v.size(2), h // v.size(2), d)  # y may be a transposed (non-contiguous) SDPA output
     direction = F.normalize(v, dim=-1).unsqueeze(3)
-    return (groups - (groups * direction).sum(-1, keepdim=True) * direction).view(b, t, h, d)
+    return (groups - (groups * direction).sum(-1, keepdim=True) * direction).reshape(b, t, h, d)
 
 
 class Attention(nn.Module):
@@ -930,7 +930,7 @@ def format_plan(model: GPT) -> str:
 
 
 class Trainer:
-    """Owns the model, its compiled/DDP wrapper, optimizers, loader and EMA for one run."""
+    """Owns the model, its compiled/DDP wrapper, its optimizers and its data loader for one run."""
 
     def __init__(self, hp: Hyperparameters, rt: Runtime, log: RunLog):
         self.hp, self.rt, self.log = hp, rt, log
