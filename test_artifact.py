@@ -116,6 +116,11 @@ def test_corrupted_and_truncated_artifacts_fail_clearly(compressor):
         tg.parse_artifact(bytes(flipped), hp)
     with pytest.raises(tg.ArtifactError, match="not a model artifact"):
         tg.parse_artifact(b"PK\x03\x04" + blob[4:], hp)
+    header = b"{}"
+    empty = tg.ARTIFACT_MAGIC + bytes([len(compressor)]) + compressor.encode() + tg.compress(
+        len(header).to_bytes(4, "little") + header, compressor)
+    with pytest.raises(tg.ArtifactError, match="lacks its architecture"):
+        tg.parse_artifact(empty, hp)
 
 
 def test_artifact_for_another_shape_is_refused(tmp_path):

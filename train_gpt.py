@@ -1095,18 +1095,18 @@ ARTIFACT_MAGIC = b"PGQ1"
 ARTIFACT_PATH = "final_model.int6.ptz"
 COMPRESSORS = ("brotli", "lzma")
 # Knobs that change the model's tensors or its forward pass: an artifact only loads into a model
-# built with the same values.
+# built with the same values. (Sequence lengths are not among them: the rotary tables are derived.)
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
                       "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-                      "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap", "train_seq_len", "eval_seq_len")
+                      "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap")
 
 
 class ArtifactError(ValueError):
     """The artifact file is truncated, corrupted, or made for another model."""
 
 
-def is_quantized(name: str, t: Tensor) -> bool:
+def is_quantized(t: Tensor) -> bool:
     return t.is_floating_point() and t.ndim == 2 and t.numel() > PASSTHROUGH_MAX_NUMEL
 
 
@@ -1124,7 +1124,7 @@ def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
     embedding's (or untied head's) input is the final hidden state.
     """
     targets = {f"{name}.weight": m for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and is_quantized(name, m.weight)}
+               if isinstance(m, nn.Linear) and is_quantized(m.weight)}
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=rt.device) for name, m in targets.items()}
     head = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
     hessians[head] = torch.zeros(model.hp.model_dim, model.hp.model_dim, device=rt.device)
@@ -1204,7 +1204,7 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
     """name -> {'codes', 'scale', 'bits'} for quantized matrices, {'fp16'} for everything else."""
     out = {}
     for name, t in model.state_dict().items():
-        if is_quantized(name, t):
+        if is_quantized(t):
             bits, sigmas = quant_settings(name, hp)
             codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
             out[name] = dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
@@ -1284,6 +1284,8 @@ def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
         header = json.loads(raw[4:4 + header_len])
     except ValueError:
         raise ArtifactError("artifact header is not valid JSON; the file is corrupted") from None
+    if not isinstance(header, dict) or not {"architecture", "tensors", "payload_sha256"} <= header.keys():
+        raise ArtifactError("artifact header lacks its architecture, tensor list or checksum; the file is corrupted")
     payload = raw[4 + header_len:]
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ArtifactError("artifact payload does not match its checksum; the file is corrupted")
