@@ -42,13 +42,13 @@ def layers(plan):
 
 
 def test_default_looped_sequence_matches_record():
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(), looped=True))
+    enc, dec = tg.unet_split(tg.virtual_layers(hparams(), 2))
     assert layers(enc) == [0, 1, 2, 3, 4, 5, 3, 4]
     assert layers(dec) == [5, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def test_loop_end_6_sequence():
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(LOOP_END=6), looped=True))
+    enc, dec = tg.unet_split(tg.virtual_layers(hparams(LOOP_END=6), 2))
     assert layers(enc) == [0, 1, 2, 3, 4, 5, 6, 3, 4]
     assert layers(dec) == [5, 6, 3, 4, 5, 6, 7, 8, 9, 10]
 
@@ -56,26 +56,26 @@ def test_loop_end_6_sequence():
 @pytest.mark.parametrize("env", [dict(NUM_LOOPS=0), dict()])
 def test_plain_sequence(env):
     # NUM_LOOPS=0 always, and any config before looping switches on, runs 0..NUM_LAYERS-1.
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), looped=not env))
+    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), 0 if env else 2))
     if env:
         assert layers(enc) == [0, 1, 2, 3, 4] and layers(dec) == [5, 6, 7, 8, 9, 10]
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), looped=False))
+    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), 0))
     assert layers(enc) == [0, 1, 2, 3, 4] and layers(dec) == [5, 6, 7, 8, 9, 10]
 
 
 def test_slots_are_unique_per_pass_and_plain_uses_physical_slots():
     hp = hparams()
-    looped = tg.virtual_layers(hp, looped=True)
+    looped = tg.virtual_layers(hp, 2)
     slots = [slot for _, slot in looped]
     assert sorted(slots) == list(range(tg.num_slots(hp))) == list(range(17))
-    assert [slot for _, slot in tg.virtual_layers(hp, looped=False)] == list(range(11))
+    assert [slot for _, slot in tg.virtual_layers(hp, 0)] == list(range(11))
     # the first pass of the band shares its slot with the plain sequence
     assert looped[3] == (3, 3) and looped[6] == (3, 11) and looped[9] == (3, 14)
 
 
 def test_model_uses_looped_plan_only_when_looping():
     model = small_model()
-    assert model.plans[False] == tg.unet_split(tg.virtual_layers(model.hp, False))
+    assert model.plans[0] == tg.unet_split(tg.virtual_layers(model.hp, 0))
     calls = []
     for block in model.blocks:
         block.register_forward_hook(lambda m, i, o, idx=len(calls): calls.append(m))
@@ -83,7 +83,7 @@ def test_model_uses_looped_plan_only_when_looping():
     model.forward_logits(ids)
     plain = [list(model.blocks).index(b) for b in calls]
     calls.clear()
-    model.looping = True
+    model.set_loops(model.hp.num_loops)
     model.forward_logits(ids)
     looped = [list(model.blocks).index(b) for b in calls]
     assert plain == [0, 1, 2, 3, 4]
@@ -98,8 +98,8 @@ def test_model_uses_looped_plan_only_when_looping():
 def test_forward_shapes_and_loss(flags):
     model = small_model(**flags)
     ids = torch.randint(0, 512, (3, 16))
-    for looping in (False, True):
-        model.looping = looping
+    for loops in (0, 2):
+        model.set_loops(loops)
         logits = model.forward_logits(ids)
         assert logits.shape == (3, 16, 512) and logits.dtype == torch.float32
         assert logits.abs().max() <= 30.0
@@ -128,7 +128,7 @@ def randomize(model: tg.GPT) -> None:
 def test_gradient_reaches_every_parameter_when_looping(flags):
     model = small_model(**flags)
     randomize(model)
-    model.looping = True
+    model.set_loops(model.hp.num_loops)
     ids = torch.randint(0, 512, (2, 16))
     model(ids, torch.roll(ids, -1, 1)).backward()
     for name, p in model.named_parameters():
@@ -293,7 +293,7 @@ def test_training_step_changes_every_parameter_group():
     optimizers = tg.build_optimizers(model, model.hp, FakeRuntime())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 512, (2, 16))
-    model.looping = True
+    model.set_loops(model.hp.num_loops)
     model(ids, torch.roll(ids, -1, 1)).backward()
     for opt in optimizers:
         opt.step()

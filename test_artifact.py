@@ -127,8 +127,7 @@ def test_artifact_for_another_shape_is_refused(tmp_path):
     hp, _, q = quantized_model()
     path = tmp_path / "a.ptz"
     path.write_bytes(tg.serialize_artifact(q, hp))
-    other = hparams(**{**{f.name.upper(): getattr(hp, f.name) for f in tg.dataclasses.fields(hp)
-                          if getattr(hp, f.name) is not None}, "NUM_LAYERS": 4, "OUTPUT_LN": 0})
+    other = tg.dataclasses.replace(hp, num_layers=4, output_ln=False)
     with pytest.raises(tg.ArtifactError, match=r"another model: NUM_LAYERS=3 \(this run: 4\), OUTPUT_LN=True"):
         tg.load_artifact(path, other, CPU)
     with pytest.raises(tg.ArtifactError, match="does not exist"):
@@ -162,7 +161,7 @@ def eval_setup(tiny_data, **overrides):
     torch.manual_seed(0)
     model = tg.GPT(hp)
     randomize(model)
-    model.looping = True
+    model.set_loops(model.hp.num_loops)
     val = tg.Validation(tg.load_validation_tokens(hp), tg.byte_counts(tiny_data["sp"]))
     return hp, model, val
 

@@ -43,6 +43,10 @@ class ConfigError(ValueError):
     """A knob has a value the run cannot use; the message names the variable."""
 
 
+# Loop counts are in NUM_LOOPS's unit: extra passes of the band (0 = the band runs once).
+LoopCounts = tuple[int, ...]
+
+
 def knob(default, doc: str):
     return dataclasses.field(default=default, metadata={"doc": doc})
 
@@ -75,6 +79,8 @@ class Hyperparameters:
     loop_end: int = knob(5, "last physical layer of the looped band (inclusive)")
     enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping turns on")
     enable_looping_at_step: Optional[int] = knob(None, "if set, looping turns on at this step instead")
+    loop_sample: LoopCounts = knob((), "once looping is on, each step draws its loop count from this set, e.g. 1,2,3")
+    share_loop_params: bool = knob(False, "every pass of the band uses its layers' first-pass parameters")
     # our additions
     birkhoff_mix: bool = knob(True, "layer input = a*x + (1-a)*x0 per virtual layer (else free 2-vector mix)")
     birkhoff_init: float = knob(0.98, "initial a of the Birkhoff mix, in (0, 1)")
@@ -131,6 +137,7 @@ class Hyperparameters:
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
+    eval_loops: LoopCounts = knob((), "after the round trip, also score the artifact at these loop counts, e.g. 0,1,2,4")
     # runtime
     attn_backend: str = knob("auto", "auto, fa3 or sdpa (auto: FlashAttention 3 when importable on CUDA)")
     compile: str = knob("auto", "auto, 1 or 0 (auto: torch.compile on CUDA only)")
@@ -156,6 +163,8 @@ def parse_knob(name: str, raw: str, kind):
         return None
     base = {Optional[int]: int, Optional[float]: float}.get(kind, kind)
     try:
+        if base == LoopCounts:
+            return tuple(sorted({int(item) for item in text.split(",") if item.strip()}))
         if base is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -164,7 +173,8 @@ def parse_knob(name: str, raw: str, kind):
             raise ValueError
         return base(text)
     except ValueError:
-        expected = {bool: "0 or 1", int: "an integer", float: "a number", str: "a string"}[base]
+        expected = {bool: "0 or 1", int: "an integer", float: "a number", str: "a string",
+                    LoopCounts: "comma-separated integers, e.g. 1,2,3"}[base]
         suffix = " or 'none'" if optional else ""
         raise ConfigError(f"{name}={raw!r}: expected {expected}{suffix}") from None
 
@@ -193,7 +203,10 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
     need(hp.mlp_mult > 0, "MLP_MULT", "must be positive")
     need(hp.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
     need(hp.xsa_last_n <= hp.num_layers, "XSA_LAST_N", f"must be <= NUM_LAYERS={hp.num_layers}")
-    if hp.num_loops > 0:
+    for name in ("LOOP_SAMPLE", "EVAL_LOOPS"):
+        need(all(n >= 0 for n in getattr(hp, name.lower())), name, "loop counts must be >= 0")
+    need(not hp.loop_sample or hp.num_loops > 0, "LOOP_SAMPLE", "needs NUM_LOOPS > 0 (else looping never turns on)")
+    if hp.num_loops > 0 or hp.eval_loops:
         need(0 <= hp.loop_start < hp.num_layers, "LOOP_START", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
         need(hp.loop_start <= hp.loop_end, "LOOP_END", f"must be >= LOOP_START={hp.loop_start}")
         need(hp.loop_end < hp.num_layers, "LOOP_END", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
@@ -557,23 +570,38 @@ def byte_counts(sp: spm.SentencePieceProcessor) -> ByteCounts:
 # -----------------------------------------------------------------------------------------------
 # Model: a U-Net transformer whose middle band of physical layers can be run several times.
 #
-# A *virtual layer* is one application of a physical block. Each virtual layer owns a *slot*:
-# pass 0 of physical layer i is slot i, and pass p >= 1 of a band layer gets a slot after the
-# physical ones. Per-slot parameters (Birkhoff mix logits, timestep scales) therefore let each pass
-# of the band behave differently, and the plain (unlooped) sequence uses slots 0..NUM_LAYERS-1.
+# A *virtual layer* is one application of a physical block. Each virtual layer uses a *slot* of
+# per-pass parameters (Birkhoff mix logits, timestep scales): pass 0 of physical layer i is slot i,
+# and pass p >= 1 of a band layer gets a slot after the physical ones, so each pass can behave
+# differently. A model run at a loop count other than the trained ones (EVAL_LOOPS) reuses the last
+# trained pass's slots for the passes beyond it; with SHARE_LOOP_PARAMS every pass uses slot i.
+# The U-Net pairing is recomputed for every sequence (see GPT.hidden_states for the skips).
 # -----------------------------------------------------------------------------------------------
 
 
-def virtual_layers(hp: Hyperparameters, looped: bool) -> list[tuple[int, int]]:
-    """The (layer, slot) sequence the forward pass runs."""
-    if not looped or hp.num_loops == 0:
+def trained_loop_counts(hp: Hyperparameters) -> list[int]:
+    """Loop counts the training runs: 0 before looping turns on, then NUM_LOOPS or the LOOP_SAMPLE set."""
+    return sorted({0, *(hp.loop_sample or (hp.num_loops,))})
+
+
+def passes_with_own_slots(hp: Hyperparameters) -> int:
+    """Extra passes of the band that have their own slots; later passes reuse the last of them."""
+    return 0 if hp.share_loop_params else max(trained_loop_counts(hp))
+
+
+def virtual_layers(hp: Hyperparameters, loops: int) -> list[tuple[int, int]]:
+    """The (layer, slot) sequence the forward pass runs with the band repeated `loops` extra times."""
+    if loops == 0:
         return [(i, i) for i in range(hp.num_layers)]
-    band = list(range(hp.loop_start, hp.loop_end + 1))
-    seq = [(i, i) for i in range(hp.loop_start)]
-    for p in range(hp.num_loops + 1):
-        seq += [(i, i if p == 0 else hp.num_layers + (p - 1) * len(band) + i - hp.loop_start) for i in band]
-    seq += [(i, i) for i in range(hp.loop_end + 1, hp.num_layers)]
-    return seq
+    band = range(hp.loop_start, hp.loop_end + 1)
+    owned = passes_with_own_slots(hp)
+
+    def slot(layer: int, p: int) -> int:
+        q = min(p, owned)
+        return layer if q == 0 else hp.num_layers + (q - 1) * len(band) + layer - hp.loop_start
+
+    return ([(i, i) for i in range(hp.loop_start)] + [(i, slot(i, p)) for p in range(loops + 1) for i in band]
+            + [(i, i) for i in range(hp.loop_end + 1, hp.num_layers)])
 
 
 def unet_split(seq: list) -> tuple[list, list]:
@@ -582,7 +610,15 @@ def unet_split(seq: list) -> tuple[list, list]:
 
 
 def num_slots(hp: Hyperparameters) -> int:
-    return hp.num_layers + hp.num_loops * (hp.loop_end - hp.loop_start + 1)
+    return hp.num_layers + passes_with_own_slots(hp) * (hp.loop_end - hp.loop_start + 1)
+
+
+def mixed_slots(hp: Hyperparameters) -> list[int]:
+    """Slots that get a Birkhoff logit. Slot 0's only user is usually the first virtual layer, where
+    x == x0 and the mix is the identity (its logit would never get a gradient): it has none, unless
+    shared parameters make later passes of a band starting at layer 0 use it too."""
+    slot0_recurs = hp.share_loop_params and hp.loop_start == 0 and max(trained_loop_counts(hp)) > 0
+    return list(range(0 if slot0_recurs else 1, num_slots(hp)))
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -712,20 +748,23 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.lm_head = None if hp.tie_embeddings else nn.Linear(hp.model_dim, hp.vocab_size, bias=False)
         self.blocks = nn.ModuleList(Block(hp, i, attn_backend) for i in range(hp.num_layers))
-        self.plans = {looped: unet_split(virtual_layers(hp, looped)) for looped in (False, True)}
-        self.looping = False
+        self.plans: dict[int, tuple[list, list]] = {}
+        for loops in {*trained_loop_counts(hp), hp.num_loops, *hp.eval_loops}:
+            self.set_loops(loops)
+        self.loops = 0  # extra passes of the band in the current forward plan
         slots = num_slots(hp)
         if hp.birkhoff_mix:
             logit = math.log(hp.birkhoff_init / (1.0 - hp.birkhoff_init))
-            # Slot 0 (layer 0, first pass) always sees x == x0, so it has nothing to mix and no logit.
-            self.mix_logits = nn.Parameter(torch.full((slots - 1, hp.model_dim), logit))
+            self.mix_row = {slot: row for row, slot in enumerate(mixed_slots(hp))}
+            self.mix_logits = nn.Parameter(torch.full((len(self.mix_row), hp.model_dim), logit))
         else:
             self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.num_layers, hp.model_dim),
                                                        torch.zeros(hp.num_layers, hp.model_dim)], dim=1))
         if hp.timestep_scale:
             self.attn_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
             self.mlp_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
-        skips = max(min(len(enc), len(dec)) for enc, dec in self.plans.values())
+        # Skip weights are sized by the trained sequences only, so EVAL_LOOPS never changes the tensors.
+        skips = max(min(len(enc), len(dec)) for enc, dec in (self.plans[n] for n in trained_loop_counts(hp)))
         self.skip_weights = nn.Parameter(torch.ones(skips, hp.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(skips, hp.model_dim)) if hp.skip_gates_enabled else None
         rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
@@ -747,11 +786,17 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
 
+    def set_loops(self, loops: int) -> None:
+        """Run the band `loops` extra times from the next forward on (plans are built outside compile)."""
+        if loops not in self.plans:
+            self.plans[loops] = unet_split(virtual_layers(self.hp, loops))
+        self.loops = loops
+
     def stream_mix(self, x: Tensor, x0: Tensor, layer: int, slot: int) -> Tensor:
         if self.hp.birkhoff_mix:
-            if slot == 0:
+            if slot not in self.mix_row:
                 return x
-            a, b = birkhoff_coefficients(self.mix_logits[slot - 1])
+            a, b = birkhoff_coefficients(self.mix_logits[self.mix_row[slot]])
             return a.to(x.dtype) * x + b.to(x.dtype) * x0
         m = self.resid_mix[layer].to(x.dtype)
         return m[0] * x + m[1] * x0
@@ -778,7 +823,10 @@ class GPT(nn.Module):
         x = rms_norm(self.tok_emb(input_ids).to(self.activation_dtype))
         x0 = x
         cos, sin = self.rope_cos[:input_ids.size(1)], self.rope_sin[:input_ids.size(1)]
-        encoder, decoder = self.plans[self.looping]
+        encoder, decoder = self.plans[self.loops]
+        # Skips pair the innermost encoder output with the first decoder layer, outwards; pair k
+        # uses skip weight k, and pairs beyond the trained count get no skip (as in the record,
+        # whose shorter unlooped sequence uses only the inner weights).
         skips = []
         for layer, slot in encoder:
             x = self.run_layer(x, x0, layer, slot, cos, sin)
@@ -924,8 +972,16 @@ def looping_due(step: int, frac: float, hp: Hyperparameters) -> bool:
     return frac >= hp.enable_looping_at
 
 
+def loop_count_at(step: int, hp: Hyperparameters) -> int:
+    """A looped step's loop count: NUM_LOOPS, or a draw from LOOP_SAMPLE seeded by SEED and the step,
+    so every rank draws the same count without communicating."""
+    if not hp.loop_sample:
+        return hp.num_loops
+    return hp.loop_sample[int(np.random.default_rng([hp.seed, step]).integers(len(hp.loop_sample)))]
+
+
 def format_plan(model: GPT) -> str:
-    encoder, decoder = model.plans[True]
+    encoder, decoder = model.plans[model.hp.num_loops]
     return f"encoder:{[layer for layer, _ in encoder]} decoder:{[layer for layer, _ in decoder]}"
 
 
@@ -974,17 +1030,17 @@ class Trainer:
         return total / accum
 
     def warm_up(self) -> None:
-        """Run WARMUP_STEPS unlooped (and looped) steps to compile both graphs, then undo them."""
+        """Run WARMUP_STEPS steps at every loop count training uses, to compile each graph, then undo them."""
         if self.hp.warmup_steps == 0:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for looped in ([False, True] if self.hp.num_loops > 0 else [False]):
-            self.model.looping = looped
+        for loops in trained_loop_counts(self.hp):
+            self.model.set_loops(loops)
             for i in range(self.hp.warmup_steps):
                 self.step(i, 1.0)
-            self.log(f"warmup: {self.hp.warmup_steps} steps looping:{int(looped)} done")
-        self.model.looping = False
+            self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done")
+        self.model.set_loops(0)
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
@@ -999,12 +1055,24 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    def validate(self, val: "Validation", looped: bool) -> tuple[float, float]:
-        previous = self.model.looping
-        self.model.looping = looped
+    def validate(self, val: "Validation", loops: int) -> tuple[float, float]:
+        previous = self.model.loops
+        self.model.set_loops(loops)
         result = evaluate(self.net, val, self.hp, self.rt)
-        self.model.looping = previous
+        self.model.set_loops(previous)
         return result
+
+    def check_draws_agree(self, draws: list[int]) -> None:
+        """Fail loudly if ranks ran different loop counts (DDP would not notice: the parameters match)."""
+        if not self.rt.distributed or not draws:
+            return
+        high = torch.tensor(draws, dtype=torch.int64, device=self.rt.device)
+        low = high.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        if not torch.equal(high, low):
+            raise RuntimeError("LOOP_SAMPLE: ranks drew different loop counts")
+        self.log(f"loop_counts: the {len(draws)} looped steps agree on all {self.rt.world_size} ranks")
 
     def train(self, val: "Validation") -> None:
         hp, rt, log = self.hp, self.rt, self.log
@@ -1016,13 +1084,13 @@ class Trainer:
         clock = PausableClock(rt.device)
         # `elapsed` is the slowest rank's training time after the previous step: every decision
         # below (looping, LR, stopping) reads it, so all ranks make the same decision at the same step.
-        step, elapsed, stop, loop_step, recompiles = 0, 0.0, False, None, 0
+        step, elapsed, stop, loop_step, recompiles, draws = 0, 0.0, False, None, 0, []
         clock.resume()
         while True:
             last = step >= hp.iterations or stop
             if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
                 clock.pause()
-                val_loss, val_bpb = self.validate(val, looped=hp.num_loops > 0)
+                val_loss, val_bpb = self.validate(val, hp.num_loops)
                 log(f"{step}/{hp.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
                 log.result["val_curve"].append(dict(step=step, train_time_ms=round(elapsed), val_loss=val_loss, val_bpb=val_bpb))
                 log.save()
@@ -1031,8 +1099,12 @@ class Trainer:
                 break
             frac = elapsed / budget_ms if budget_ms is not None else step / max(hp.iterations, 1)
             if loop_step is None and looping_due(step, frac, hp):
-                self.model.looping, loop_step = True, step
-                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {format_plan(self.model)}")
+                loop_step = step
+                sample = f" loop_sample:{','.join(map(str, hp.loop_sample))}" if hp.loop_sample else ""
+                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {format_plan(self.model)}{sample}")
+            if loop_step is not None:
+                draws.append(loop_count_at(step, hp))
+                self.model.set_loops(draws[-1])
             graphs = compiled_graph_count()
             loss = self.step(step, lr_multiplier(frac, hp))
             recompiles += compiled_graph_count() - graphs
@@ -1047,10 +1119,13 @@ class Trainer:
                 log(f"{step}/{hp.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
             if stop:
                 log(f"stopping_early: wallclock_cap train_time: {elapsed:.0f}ms step: {step}/{hp.iterations}")
+        self.check_draws_agree(draws)
+        self.model.set_loops(hp.num_loops)
         log(f"peak_memory: {peak_memory_mib(rt.device):.0f} MiB")
         if rt.compile:
             log(f"compile: {recompiles} graph(s) compiled inside the timed training steps")
         log.update(steps=step, train_time_ms=round(elapsed), looping_enabled_step=loop_step,
+                   steps_per_loop_count={n: draws.count(n) for n in sorted(set(draws))},
                    tokens_per_s=step * hp.train_batch_tokens / max(elapsed / 1000.0, 1e-9),
                    peak_memory_mib=round(peak_memory_mib(rt.device), 1),
                    graphs_compiled_in_timed_steps=recompiles if rt.compile else None)
@@ -1099,7 +1174,7 @@ COMPRESSORS = ("brotli", "lzma")
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
                       "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-                      "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap")
+                      "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap")
 
 
 class ArtifactError(ValueError):
@@ -1263,11 +1338,16 @@ def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes
             entries.append(dict(name=name, kind="fp16", shape=list(q["fp16"].shape),
                                 data=add(byte_planes(q["fp16"].numpy().tobytes(), 2))))
     payload = b"".join(chunks)
-    header = json.dumps(dict(format=1, architecture={k: getattr(hp, k) for k in ARCHITECTURE_KNOBS},
+    header = json.dumps(dict(format=1, architecture=architecture_of(hp),
                              tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest())).encode()
     raw = len(header).to_bytes(4, "little") + header + payload
     name = hp.compressor.encode()
     return ARTIFACT_MAGIC + bytes([len(name)]) + name + compress(raw, hp.compressor)
+
+
+def architecture_of(hp: Hyperparameters) -> dict:
+    """The knobs that shape the model, as they read back from the JSON header (tuples become lists)."""
+    return json.loads(json.dumps({k: getattr(hp, k) for k in ARCHITECTURE_KNOBS}))
 
 
 def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
@@ -1289,7 +1369,7 @@ def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
     payload = raw[4 + header_len:]
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise ArtifactError("artifact payload does not match its checksum; the file is corrupted")
-    ours = {k: getattr(hp, k) for k in ARCHITECTURE_KNOBS}
+    ours = architecture_of(hp)
     diff = [f"{k.upper()}={header['architecture'].get(k)!r} (this run: {v!r})"
             for k, v in ours.items() if header["architecture"].get(k) != v]
     if diff:
@@ -1337,7 +1417,7 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
     """Hessians -> GPTQ -> bytes -> file (rank 0); logs sizes and times, returns them."""
     hp, rt, log = trainer.hp, trainer.rt, trainer.log
     t0 = time.perf_counter()
-    trainer.model.looping = hp.num_loops > 0  # calibrate the graph that is evaluated
+    trainer.model.set_loops(hp.num_loops)  # calibrate the graph that is evaluated
     batches = (trainer.loader.next_batch(trainer.seqs_per_micro)[0] for _ in range(hp.gptq_calibration_batches))
     hessians = collect_hessians(trainer.model, batches, rt) if hp.gptq_calibration_batches else {}
     synchronize(rt.device)
@@ -1577,22 +1657,22 @@ def log_configuration(hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
 
 def log_model(model: GPT, log: RunLog) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(model.hp, True))} {format_plan(model)}")
+    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(model.hp, model.hp.num_loops))} {format_plan(model)}")
     log.update(model_params=n_params)
 
 
 def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
     """Artifact, then the scores of the model loaded back from it. Returns whether the budget holds."""
     hp, rt, log = trainer.hp, trainer.rt, trainer.log
-    looped = hp.num_loops > 0
-    pre_loss, pre_bpb, pre_ms = timed_eval("pre-quantization post-ema", lambda: trainer.validate(val, looped), log, rt)
+    pre_loss, pre_bpb, pre_ms = timed_eval("pre-quantization post-ema", lambda: trainer.validate(val, hp.num_loops),
+                                           log, rt)
     log.metric(pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb, pre_quant_eval_ms=pre_ms)
     artifact = build_artifact(trainer, code_bytes)
     log.update(**artifact)
 
     def fresh_model() -> GPT:
         model = load_artifact(Path(ARTIFACT_PATH), hp, rt)
-        model.looping = looped
+        model.set_loops(hp.num_loops)
         return model
 
     model = fresh_model()
@@ -1600,6 +1680,11 @@ def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
     loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
     log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms,
                quantization_gap_bpb=bpb - pre_bpb)
+    for loops in hp.eval_loops:
+        model.set_loops(loops)
+        loss, bpb, ms = timed_eval(f"quantized_loops{loops}", lambda: evaluate(net, val, hp, rt), log, rt)
+        log.metric(**{f"loops{loops}_val_loss": loss, f"loops{loops}_val_bpb": bpb, f"loops{loops}_eval_ms": ms})
+    model.set_loops(hp.num_loops)
     if hp.sliding_window_enabled:
         loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0), log, rt)
         log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
