@@ -3,10 +3,11 @@
 # one run at a time (each run uses every core), appending one TSV row per run.
 #
 # Usage: tools/cpu_ablation.sh OUT.tsv "LABEL:KEY=VAL,KEY=VAL" ...
-#   e.g. tools/cpu_ablation.sh ablation.tsv "default:" "no_birkhoff:BIRKHOFF_MIX=0"
+#   e.g. tools/cpu_ablation.sh ablation.tsv "default:" "no_birkhoff:BIRKHOFF_MIX=0" "dial:LOOP_SAMPLE=1,2,3,EVAL_LOOPS=0,2,4"
 # Environment: SEEDS (default "1337 42"), BENCH (default ../shared/bench/cpu_quality.sh),
 #   DATA_DIR (passed through to the benchmark when set), RUNS_DIR (default ./ablation_runs),
 #   SCRIPT (default: this repo's train_gpt.py; point it at a frozen copy to keep editing meanwhile).
+# Each run's logs/LABEL_sSEED.{txt,json} land in RUNS_DIR/LABEL_sSEED/ (tools/summarize_runs.py reads them).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$1; shift
@@ -17,10 +18,11 @@ mkdir -p "$runs"
 [[ -s $out ]] || (IFS=$'\t'; echo "label	seed	settings	${fields[*]}") > "$out"
 for spec in "$@"; do
   label=${spec%%:*}; settings=${spec#*:}
-  IFS=',' read -r -a kvs <<< "$settings"
+  kvs=()  # split at commas that start a new KEY=, so that values may hold commas (EVAL_LOOPS=0,1,2)
+  [[ -z $settings ]] || mapfile -t kvs < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$settings")
   for seed in ${SEEDS:-1337 42}; do
     dir="$runs/${label}_s$seed"; rm -rf "$dir"
-    summary=$(RUN_DIR="$dir" bash "$bench" "${SCRIPT:-$here/train_gpt.py}" SEED="$seed" "${kvs[@]}" 2>&1 | tail -2)
+    summary=$(RUN_DIR="$dir" bash "$bench" "${SCRIPT:-$here/train_gpt.py}" SEED="$seed" RUN_ID="${label}_s$seed" "${kvs[@]}" 2>&1 | tail -2)
     row=("$label" "$seed" "${settings:--}")
     for f in "${fields[@]}"; do row+=("$(sed -n "s/.*\b$f=\([^ ]*\).*/\1/p" <<< "$summary" | head -1)"); done
     (IFS=$'\t'; echo "${row[*]}") | tee -a "$out"

@@ -1,0 +1,247 @@
+"""Tests of tools/: the sweep summarizer and plots, the record packager and the code packer.
+
+They run the real train_gpt.py (one process on CPU, a fixed step count so that runs are repeatable)
+to make the logs the tools read.
+"""
+
+import csv
+import json
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_architecture import E2E, SCRIPT, run_script
+
+TOOLS = Path(__file__).resolve().parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import pack_code  # noqa: E402
+import package_record  # noqa: E402
+import plot_runs  # noqa: E402
+import summarize_runs  # noqa: E402
+from runlogs import Run  # noqa: E402
+
+# A fixed number of steps with the loop switch at a step: no clock in the schedule, so reruns repeat.
+FIXED = dict(E2E, ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, ENABLE_LOOPING_AT_STEP=6, WARMUP_STEPS=0,
+             VAL_LOSS_EVERY=4, GPTQ_CALIBRATION_BATCHES=2, SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=32)
+
+
+def train(script: Path, cwd: Path, data: Path, **env) -> subprocess.CompletedProcess:
+    return run_script([sys.executable, str(script)], dict(FIXED, DATA_DIR=data, **env), cwd)
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data, tmp_path_factory) -> Path:
+    """Three seeds of one configuration, one run of another, and a run that failed."""
+    root = tmp_path_factory.mktemp("sweep")
+    for seed in (1, 2, 3):
+        result = train(SCRIPT, root, tiny_data["root"], SEED=seed, RUN_ID=f"a_s{seed}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert train(SCRIPT, root, tiny_data["root"], SEED=1, RUN_ID="b_s1", QK_GAIN_INIT=3.0).returncode == 0
+    assert train(SCRIPT, root, root / "missing", SEED=1, RUN_ID="broken").returncode != 0
+    return root
+
+
+def result(root: Path, run_id: str) -> dict:
+    return json.loads((root / "logs" / f"{run_id}.json").read_text())
+
+
+def final(record: dict) -> float:
+    return record["metrics"]["sliding_val_bpb"]
+
+
+# --- summarizer ---------------------------------------------------------------------------------
+
+
+def test_summary_groups_seeds_sorts_and_keeps_the_failed_run(sweep, tmp_path, capsys):
+    out = tmp_path / "s.tsv"
+    assert summarize_runs.main([str(sweep), "--baseline", "a_s2", "--tsv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open(), delimiter="\t"))
+    assert sorted(r["run_ids"] for r in rows if r["status"] == "completed") == ["a_s1,a_s2,a_s3", "b_s1"]
+    a = next(r for r in rows if r["run_ids"] == "a_s1,a_s2,a_s3")
+    b = next(r for r in rows if r["run_ids"] == "b_s1")
+    a_scores = [final(result(sweep, f"a_s{s}")) for s in (1, 2, 3)]
+    assert float(a["final_mean"]) == pytest.approx(statistics.fmean(a_scores), abs=1e-12)
+    assert float(a["final_std"]) == pytest.approx(statistics.stdev(a_scores), abs=1e-12)
+    assert float(a["delta"]) == 0.0
+    assert float(b["delta"]) == pytest.approx(final(result(sweep, "b_s1")) - statistics.fmean(a_scores), abs=1e-12)
+    assert a["seeds"] == "1,2,3" and a["QK_GAIN_INIT"] == "5.25" and b["QK_GAIN_INIT"] == "3.0"
+    assert float(rows[0]["final_mean"]) <= float(rows[1]["final_mean"])
+    assert rows[-1]["run_ids"] == "broken" and rows[-1]["status"].startswith("failed (DataError")
+    assert "DATA_DIR" in rows[0] and "SEED" not in rows[0] and "RUN_ID" not in rows[0]
+    markdown = capsys.readouterr().out
+    assert "| broken |" in markdown and "failed (DataError" in markdown and "± " in markdown
+
+
+def test_summary_lists_a_run_that_was_killed(sweep, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    killed = result(sweep, "a_s1")
+    killed.update(run_id="killed", status="running", metrics={}, steps=7)
+    (logs / "killed.json").write_text(json.dumps(killed))
+    shutil.copy(sweep / "logs" / "a_s2.json", logs)
+    assert summarize_runs.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"\| killed \| 1 \| — \| — \|.*\| running \(last step 7\) \|$", table, re.M), table
+
+
+def test_summary_errors_name_the_problem(sweep, tmp_path, capsys):
+    assert summarize_runs.main([str(sweep), "--baseline", "nope"]) == 2
+    assert "--baseline nope: no finished run" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert summarize_runs.main([str(tmp_path / "x.json")]) == 2
+    assert "not a train_gpt.py result" in capsys.readouterr().err
+    assert summarize_runs.main([str(tmp_path / "absent")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+
+def test_plots_are_written_and_left_out_runs_named(sweep, tmp_path, capsys):
+    knob_png, curve_png = tmp_path / "k.png", tmp_path / "c.png"
+    assert plot_runs.main(["knob", "QK_GAIN_INIT", str(sweep), "-o", str(knob_png)]) == 0
+    assert "left out broken: no final metric, failed" in capsys.readouterr().err
+    assert plot_runs.main(["curve", str(sweep), "--runs", "a_s1,b_s1", "-o", str(curve_png)]) == 0
+    for png in (knob_png, curve_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert plot_runs.main(["knob", "NOT_A_KNOB", str(sweep), "-o", str(knob_png)]) == 2
+    assert "knob NOT_A_KNOB: not a hyperparameter" in capsys.readouterr().err
+    assert plot_runs.main(["curve", str(sweep), "--runs", "zzz", "-o", str(curve_png)]) == 2
+    assert "--runs: no result for zzz" in capsys.readouterr().err
+
+
+def test_categorical_knob_values_put_none_last():
+    positions, labels = plot_runs.x_positions([4.0, None, 2.0, None])
+    assert labels == ["2.0", "4.0", "none"] and positions[None] == 2
+    assert plot_runs.x_positions([1, 3]) == ({1: 1, 3: 3}, None)
+
+
+# --- code packer --------------------------------------------------------------------------------
+
+
+def test_packed_script_is_two_lines_and_smaller():
+    source = SCRIPT.read_text()
+    packed = pack_code.pack(source)
+    assert packed.count("\n") == 2 and len(packed) < len(source) / 2
+    assert pack_code.unpack(packed) == source
+    with pytest.raises(pack_code.PackError, match="not a script written by pack_code.py"):
+        pack_code.unpack(source)
+
+
+def train_lines(log: str) -> list[str]:
+    """The lines that must agree between two runs of the same code: losses, scores, model bytes."""
+    keep = r"^(\d+/\d+ (train_loss|val_loss)|layer_loop|Serialized model|quantized)"
+    return [re.sub(r"( train_time| eval_time| tok/s).*$", "", line) for line in log.splitlines() if re.match(keep, line)]
+
+
+def test_packed_script_runs_end_to_end_like_the_source(sweep, tiny_data, tmp_path):
+    packed = tmp_path / "train_gpt.py"
+    assert pack_code.main([str(SCRIPT), "-o", str(packed)]) == 0
+    run = train(packed, tmp_path, tiny_data["root"], SEED=1, RUN_ID="packed")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours, theirs = (tmp_path / "logs" / "packed.txt").read_text(), (sweep / "logs" / "a_s1.txt").read_text()
+    assert len(train_lines(ours)) > 10 and train_lines(ours) == train_lines(theirs)
+    assert f"Code size: {packed.stat().st_size} bytes" in ours
+    packed_result, source_result = result(tmp_path, "packed"), result(sweep, "a_s1")
+    assert packed_result["metrics"]["sliding_val_bpb"] == source_result["metrics"]["sliding_val_bpb"]
+    untimed = [[{k: v for k, v in p.items() if k != "train_time_ms"} for p in r["val_curve"]]
+               for r in (packed_result, source_result)]
+    assert len(untimed[0]) == 4 and untimed[0] == untimed[1]
+    assert packed_result["artifact_bytes"] == source_result["artifact_bytes"]
+    assert packed_result["code_bytes"] == packed.stat().st_size < source_result["code_bytes"] / 2
+
+
+# --- record packager ----------------------------------------------------------------------------
+
+
+def package_args(sweep: Path, records: Path, *extra: str) -> list[str]:
+    logs = [str(sweep / "logs" / f"a_s{s}.json") for s in (1, 2, 3)]
+    return [*logs, "--name", "TinyTest", "--author", "Tester", "--github-id", "tester", "--date", "2026-11-23",
+            "--technique-summary", "tiny test model", "--records-dir", str(records), *extra]
+
+
+def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
+    a_scores = [final(result(sweep, f"a_s{s}")) for s in (1, 2, 3)]
+    record_bpb = statistics.fmean(a_scores) + 0.5
+    assert package_record.main(package_args(sweep, tmp_path, "--with-packed", "--record-bpb", str(record_bpb))) == 0
+    assert "-> significant record (p < 0.01)" in capsys.readouterr().out
+    folder = tmp_path / "track_non_record_16mb" / "2026-11-23_TinyTest"
+    assert (folder / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
+    assert pack_code.unpack((folder / "train_gpt.packed.py").read_text()) == SCRIPT.read_text()
+    assert sorted(p.name for p in (folder / "logs").iterdir()) == [f"a_s{s}.{e}" for s in (1, 2, 3) for e in ("json", "txt")]
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["val_bpb"] == pytest.approx(statistics.fmean(a_scores), abs=1e-12)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(a_scores), abs=1e-12)
+    assert sub["seeds"] == [1, 2, 3] and sub["seed_results"]["2"]["val_bpb"] == a_scores[1]
+    assert sub["seed_results"]["1"]["artifact_bytes"] == result(sweep, "a_s1")["total_bytes"]
+    assert sub["metric"] == "sliding_val_bpb" and sub["track"] == "track_non_record_16mb"
+    checks = sub["compliance"]
+    assert checks["three_seeds"] and checks["train_under_600s"] and checks["artifact_under_16mb"]
+    assert checks["hardware_8xh100"] is False and checks["score_first_ttt"] is None
+    assert sub["significance"]["significant"] and sub["significance"]["df"] == 2
+    readme = (folder / "README.md").read_text()
+    assert "ITERATIONS=12" in readme and "SEED=<seed> torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
+    assert "| 3 | 12 |" in readme and (folder / "requirements.txt").exists()
+
+
+def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
+    mean = statistics.fmean(final(result(sweep, f"a_s{s}")) for s in (1, 2, 3))
+    assert package_record.main(package_args(sweep, tmp_path, "--record-bpb", str(mean))) == 0
+    assert "-> NOT a record (needs p < 0.01)" in capsys.readouterr().out
+    sub = json.loads((tmp_path / "track_non_record_16mb" / "2026-11-23_TinyTest" / "submission.json").read_text())
+    assert sub["significance"]["significant"] is False and sub["significance"]["p_value"] > 0.5
+    assert package_record.main(package_args(sweep, tmp_path, "--name", "Rec", "--track", "10min_16mb",
+                                            "--record-bpb", str(mean + 0.5))) == 2
+    assert "refusing track_10min_16mb: compliance fails ['hardware_8xh100']" in capsys.readouterr().err
+    assert not (tmp_path / "track_10min_16mb").exists()
+
+
+@pytest.mark.parametrize("runs, message", [
+    (["a_s1", "b_s1"], "differ in knobs other than SEED/RUN_ID: QK_GAIN_INIT: a_s1=5.25, b_s1=3.0"),
+    (["a_s1", "broken"], "runs that did not finish: broken: failed (DataError"),
+    (["a_s1", "a_s1"], "a seed appears more than once"),
+])
+def test_package_refuses_runs_that_are_not_one_configuration(sweep, tmp_path, capsys, runs, message):
+    args = [str(sweep / "logs" / f"{r}.json") for r in runs] + package_args(sweep, tmp_path)[3:]
+    assert package_record.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_package_refuses_a_script_the_logs_did_not_run(sweep, tmp_path, capsys):
+    other = tmp_path / "train_gpt.py"
+    other.write_text(SCRIPT.read_text() + "\n")
+    assert package_record.main(package_args(sweep, tmp_path, "--script", str(other))) == 2
+    assert "is not the script the logs ran" in capsys.readouterr().err
+
+
+# --- significance arithmetic --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [-1.5, 0.0, 0.4, 2.0, 9.0])
+def test_student_t_tail_matches_closed_forms(t):
+    assert package_record.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
+    assert package_record.student_t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
+
+
+def test_significance_converts_bpb_to_nats_with_the_logged_ratio():
+    # val_loss/val_bpb = 2.0 nats per bpb; improvements 0.02, 0.03, 0.04 bpb -> 0.04, 0.06, 0.08 nats.
+    runs = [Run(Path(f"{i}.json"), {"metrics": {"post_quant_val_bpb": 1.10 - d, "post_quant_val_loss": 2 * (1.10 - d)}})
+            for i, d in enumerate((0.02, 0.03, 0.04))]
+    sig = package_record.significance(runs, "post", 1.10)
+    assert sig["improvement_nats_per_seed"] == pytest.approx([0.04, 0.06, 0.08])
+    t = (0.06 - 0.005) / (0.02 / math.sqrt(3))
+    assert sig["t"] == pytest.approx(t) and sig["p_value"] == pytest.approx(package_record.student_t_sf(t, 2))
+    assert sig["significant"] is (sig["p_value"] < 0.01)
+
+
+def test_every_tool_has_help():
+    for tool in ("summarize_runs.py", "plot_runs.py", "package_record.py", "pack_code.py"):
+        out = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage:" in out.stdout, tool
