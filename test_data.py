@@ -17,6 +17,7 @@ import torch
 
 import train_gpt as tg
 from conftest import pseudo_language
+from test_architecture import E2E
 from data import build_dataset as bd
 
 REPO = Path(__file__).resolve().parent
@@ -214,3 +215,24 @@ def test_run_sh_builds_a_demo_dataset_and_trains_on_cpu(tmp_path):
     num_bytes = counts.count(torch.from_numpy(tokens[:-1]), torch.from_numpy(tokens[1:])).sum().item()
     uniform = np.log2(1024) * (len(tokens) - 1) / num_bytes
     assert bpb < 0.8 * uniform
+
+
+def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_data, tmp_path):
+    # A stand-in nvidia-smi takes run.sh down its GPU branch; the data is already there, so nothing is
+    # downloaded, and train_gpt.py itself still runs on the CPU with a small configuration.
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update({k: str(v) for k, v in E2E.items()})
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", DATA_DIR=str(tiny_data["root"]), RUN_ID="gpu_branch",
+               ITERATIONS="4", MAX_WALLCLOCK_SECONDS="0", SLIDING_WINDOW_ENABLED="0", OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(REPO / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    packed = tmp_path / "packed" / "train_gpt.py"
+    assert packed.read_text().startswith("import lzma,base64\n")
+    log = (tmp_path / "logs" / "gpu_branch.txt").read_text()
+    assert "world_size:1" in log and f"Code size: {packed.stat().st_size} bytes" in log
+    assert re.search(r"^quantized val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", log, re.M)

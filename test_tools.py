@@ -29,7 +29,7 @@ from runlogs import Run  # noqa: E402
 
 # A fixed number of steps with the loop switch at a step: no clock in the schedule, so reruns repeat.
 FIXED = dict(E2E, ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, ENABLE_LOOPING_AT_STEP=6, WARMUP_STEPS=0,
-             VAL_LOSS_EVERY=4, GPTQ_CALIBRATION_BATCHES=2, SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=32)
+             VAL_LOSS_EVERY=4, GPTQ_CALIBRATION_BATCHES=2, SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=32, EVAL_LOOPS="0,1,3")
 
 
 def train(script: Path, cwd: Path, data: Path, **env) -> subprocess.CompletedProcess:
@@ -117,6 +117,21 @@ def test_plots_are_written_and_left_out_runs_named(sweep, tmp_path, capsys):
     assert "--runs: no result for zzz" in capsys.readouterr().err
 
 
+def test_eval_loops_plot_and_its_table(sweep, tmp_path, capsys):
+    png = tmp_path / "loops.png"
+    assert plot_runs.main(["eval-loops", str(sweep), "--relative-to", "1", "-o", str(png)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| QK_GAIN_INIT=5.25 | 1,2,3 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    assert len(cells) == 3 and cells[1] == "+0.0000 ± 0.0000"
+    gaps = [result(sweep, f"a_s{s}")["metrics"] for s in (1, 2, 3)]
+    gaps = [m["loops3_val_bpb"] - m["loops1_val_bpb"] for m in gaps]
+    assert cells[2] == f"{statistics.fmean(gaps):+.4f} ± {statistics.stdev(gaps):.4f}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_runs.main(["eval-loops", str(sweep), "--relative-to", "7", "-o", str(png)]) == 2
+    assert "--relative-to 7: not among every run's EVAL_LOOPS counts" in capsys.readouterr().err
+
+
 def test_categorical_knob_values_put_none_last():
     positions, labels = plot_runs.x_positions([4.0, None, 2.0, None])
     assert labels == ["2.0", "4.0", "none"] and positions[None] == 2
@@ -133,6 +148,7 @@ def test_packed_script_is_two_lines_and_smaller():
     assert pack_code.unpack(packed) == source
     with pytest.raises(pack_code.PackError, match="not a script written by pack_code.py"):
         pack_code.unpack(source)
+    assert pack_code.is_packed(packed) and not pack_code.is_packed(source)
 
 
 def train_lines(log: str) -> list[str]:

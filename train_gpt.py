@@ -1036,10 +1036,12 @@ class Trainer:
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         for loops in trained_loop_counts(self.hp):
+            t0 = time.perf_counter()
             self.model.set_loops(loops)
             for i in range(self.hp.warmup_steps):
                 self.step(i, 1.0)
-            self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done")
+            synchronize(self.rt.device)
+            self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done in {time.perf_counter() - t0:.1f}s")
         self.model.set_loops(0)
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):

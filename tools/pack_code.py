@@ -38,6 +38,10 @@ def pack(source: str) -> str:
     return packed
 
 
+def is_packed(text: str) -> bool:
+    return PAYLOAD.match(text) is not None
+
+
 def unpack(packed: str) -> str:
     match = PAYLOAD.match(packed)
     if match is None:
@@ -57,6 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, UnicodeDecodeError, PackError, lzma.LZMAError, ValueError) as exc:
         print(f"pack_code.py: {args.source}: {exc}", file=sys.stderr)
         return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(result, encoding="utf-8")
     before, after = len(text.encode("utf-8")), len(result.encode("utf-8"))
     print(f"{args.source}: {before} bytes -> {args.out}: {after} bytes")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pack_code import pack
+from pack_code import is_packed, pack
 from runlogs import METRICS, Run, RunLogError, differing_knobs, load_runs, mean_std
 
 REPO = Path(__file__).resolve().parent.parent
@@ -279,7 +279,10 @@ def package(args) -> Path:
     folder = Path(args.records_dir) / f"track_{args.track}" / f"{args.date}_{args.name}"
     if folder.exists():
         raise RunLogError(f"{folder} exists; remove it or pick another --name")
-    packed = pack(script.read_text(encoding="utf-8")) if args.with_packed else None
+    source = script.read_text(encoding="utf-8")
+    if args.with_packed and is_packed(source):
+        raise RunLogError(f"--with-packed: {script} is already packed (it is what the runs ran; drop the flag)")
+    packed = pack(source) if args.with_packed else None
     sub = submission(args, runs, metric, checks, sig)
     text = readme(sub, runs, reproduction_command(runs[0], script_defaults(script)), sig_line,
                   None if packed is None else len(packed.encode("utf-8")))

@@ -101,11 +101,21 @@ def plot_curves(runs: list[Run], out: str) -> None:
     plt.close(fig)
 
 
-def plot_eval_loops(runs: list[Run], out: str) -> str:
-    """val_bpb against the EVAL_LOOPS count, one line per configuration; returns the table it plots."""
+def plot_eval_loops(runs: list[Run], out: str, relative_to: Optional[int] = None) -> str:
+    """val_bpb against the EVAL_LOOPS count, one line per configuration; returns the table it plots.
+
+    With `relative_to`, each run's scores are taken minus its own score at that count, which removes
+    the run-to-run offset (e.g. from the number of steps a wall-clock-capped run managed)."""
     groups = [g for g in group_by_configuration(runs) if g[0].loop_scores()]
     if not groups:
         raise RunLogError("no run has EVAL_LOOPS scores (quantized_loops{n} metrics)")
+    if relative_to is not None and any(relative_to not in r.loop_scores() for g in groups for r in g):
+        raise RunLogError(f"--relative-to {relative_to}: not among every run's EVAL_LOOPS counts")
+
+    def scores(run: Run) -> dict[int, float]:
+        base = 0.0 if relative_to is None else run.loop_scores()[relative_to]
+        return {n: v - base for n, v in run.loop_scores().items()}
+
     knobs = differing_knobs([r for g in groups for r in g])
     counts = sorted({n for g in groups for r in g for n in r.loop_scores()})
     rows = ["| configuration | seeds | " + " | ".join(f"loops {n}" for n in counts) + " |",
@@ -115,15 +125,17 @@ def plot_eval_loops(runs: list[Run], out: str) -> str:
         label = ", ".join(f"{k.upper()}={format_value(group[0].knobs.get(k))}" for k in knobs) or "runs"
         stats = {}
         for n in counts:
-            values = [r.loop_scores()[n] for r in group if n in r.loop_scores()]
+            values = [scores(r)[n] for r in group if n in r.loop_scores()]
             if values:
                 stats[n] = mean_std(values)
         xs = sorted(stats)
         ax.errorbar(xs, [stats[n][0] for n in xs], yerr=[stats[n][1] for n in xs], marker="o", capsize=4, label=label)
-        cells = [f"{stats[n][0]:.4f} ± {stats[n][1]:.4f}" if n in stats else "—" for n in counts]
+        sign = "+" if relative_to is not None else ""
+        cells = [f"{stats[n][0]:{sign}.4f} ± {stats[n][1]:.4f}" if n in stats else "—" for n in counts]
         rows.append(f"| {label} | {','.join(str(r.seed) for r in group)} | " + " | ".join(cells) + " |")
     ax.set_xlabel("loop count at evaluation (extra passes of the band)")
-    ax.set_ylabel("post-quantization val_bpb (mean ± std over seeds)")
+    what = "post-quantization val_bpb" if relative_to is None else f"val_bpb minus the run's own at {relative_to}"
+    ax.set_ylabel(f"{what} (mean ± std over seeds)", fontsize=9)
     ax.set_xticks(counts)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -152,6 +164,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     curve = sub.add_parser("curve", help="validation bpb against step and training time")
     curve.add_argument("--runs", metavar="ID,ID", help="RUN_IDs to draw (default: every run found)")
     loops = sub.add_parser("eval-loops", help="val_bpb against the EVAL_LOOPS count, one line per configuration")
+    loops.add_argument("--relative-to", type=int, metavar="N", help="plot each run's bpb minus its own at count N")
     for p in (knob, curve, loops):
         p.add_argument("paths", nargs="*", default=["logs"], help="result files or directories (default: logs)")
         p.add_argument("-o", "--out", required=True, help="PNG file to write")
@@ -163,11 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.command == "curve":
             plot_curves(select(runs, args.runs), args.out)
         else:
-            print(plot_eval_loops(runs, args.out), end="")
+            print(plot_eval_loops(runs, args.out, args.relative_to), end="")
     except RunLogError as exc:
         print(f"plot_runs.py: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 

@@ -131,4 +131,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def format_value(value) -> str:
+    """A knob value for a table or legend: lists as the environment writes them, unset as "none"."""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
     return "none" if value is None else str(value)
