@@ -1723,7 +1723,10 @@ def main() -> None:
     except ConfigError as exc:
         sys.exit(f"train_gpt.py: configuration error: {exc}")
     try:
-        if not run(hp, rt):
+        within_budget = run(hp, rt)
+        if rt.distributed:
+            dist.barrier()  # no rank tears the process group down while another is still finishing
+        if not within_budget:
             sys.exit(f"train_gpt.py: the submission is over {SUBMISSION_LIMIT_BYTES} bytes (see the log); "
                      "set ALLOW_OVER_BUDGET=1 for an exploratory run")
     except DataError as exc:
