@@ -27,6 +27,11 @@ from runlogs import (METRICS, Run, RunLogError, differing_knobs, format_value, g
                      load_runs, mean_std)
 
 
+def knob_label(run: Run, knobs: list[str]) -> str:
+    """A legend entry: the run's values of the knobs that tell the lines apart."""
+    return ", ".join(f"{k.upper()}={format_value(run.knobs.get(k))}" for k in knobs) or "runs"
+
+
 def x_positions(values: list) -> tuple[dict, Optional[list[str]]]:
     """Numeric values stand for themselves; otherwise categories in sorted order, `none` last."""
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -49,7 +54,7 @@ def plot_knob(runs: list[Run], knob: str, metric: str, out: str) -> None:
     positions, labels = x_positions([r.knobs.get(name) for r in finished])
     lines: dict[str, list[Run]] = {}
     for run in finished:
-        label = ", ".join(f"{k.upper()}={format_value(run.knobs.get(k))}" for k in others) or "runs"
+        label = knob_label(run, others)
         lines.setdefault(label, []).append(run)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, members in sorted(lines.items()):
@@ -122,7 +127,7 @@ def plot_eval_loops(runs: list[Run], out: str, relative_to: Optional[int] = None
             "|---|---|" + "---|" * len(counts)]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for group in groups:
-        label = ", ".join(f"{k.upper()}={format_value(group[0].knobs.get(k))}" for k in knobs) or "runs"
+        label = knob_label(group[0], knobs)
         stats = {}
         for n in counts:
             values = [scores(r)[n] for r in group if n in r.loop_scores()]

@@ -19,28 +19,25 @@ from runlogs import METRICS, Run, RunLogError, differing_knobs, format_value, gr
 METRIC_CHOICES = ["final", *METRICS]
 
 
-def group_row(group: list[Run], knobs: list[str], metric: str) -> dict:
-    values = [run.metric(metric) for run in group]
-    mean, std = mean_std(values)
-    row = {"knobs": {k: group[0].knobs.get(k) for k in knobs}, "code": group[0].code[:10],
-           "run_ids": [r.run_id for r in group], "seeds": [r.seed for r in group],
-           "mean": mean, "std": std, "delta": None, "status": "/".join(sorted({r.status for r in group}))}
-    for name in METRICS:
-        present = [v for v in (r.metric(name) for r in group) if v is not None]
-        row[name] = mean_std(present)[0] if len(present) == len(group) else None
-    row["total_bytes"] = max(r.result.get("total_bytes") or 0 for r in group) or None
-    row["steps"] = mean_std([r.result.get("steps") or 0 for r in group])[0]
-    row["train_s"] = mean_std([(r.result.get("train_time_ms") or 0) / 1000 for r in group])[0]
-    return row
+def mean_or_none(values: list) -> Optional[float]:
+    """The mean, or None when any run lacks the value."""
+    return None if not values or None in values else mean_std(values)[0]
 
 
-def unfinished_row(run: Run, knobs: list[str]) -> dict:
-    row = {"knobs": {k: run.knobs.get(k) for k in knobs}, "code": run.code[:10], "run_ids": [run.run_id],
-           "seeds": [run.seed], "mean": None, "std": None, "delta": None, "status": run.describe_unfinished(),
-           "total_bytes": run.result.get("total_bytes"), "steps": run.result.get("steps"),
-           "train_s": (run.result.get("train_time_ms") or 0) / 1000 or None}
-    row.update({name: run.metric(name) for name in METRICS})
-    return row
+def group_row(group: list[Run], knobs: list[str], metric: str, status: Optional[str] = None) -> dict:
+    """One table row for the seeds of a configuration (or for one unfinished run, with its status)."""
+    scores = [run.metric(metric) for run in group]
+    mean, std = (None, None) if None in scores else mean_std(scores)
+    train_ms = [r.result.get("train_time_ms") for r in group]
+    sizes = [r.result.get("total_bytes") for r in group]
+    return {"knobs": {k: group[0].knobs.get(k) for k in knobs}, "code": group[0].code[:10],
+            "run_ids": [r.run_id for r in group], "seeds": [r.seed for r in group],
+            "mean": mean, "std": std, "delta": None,
+            "status": status or "/".join(sorted({r.status for r in group})),
+            **{name: mean_or_none([r.metric(name) for r in group]) for name in METRICS},
+            "total_bytes": None if None in sizes else max(sizes),
+            "steps": mean_or_none([r.result.get("steps") for r in group]),
+            "train_s": None if None in train_ms else mean_std(train_ms)[0] / 1000}
 
 
 def build_table(runs: list[Run], metric: str, baseline: Optional[str]) -> tuple[list[str], bool, list[dict]]:
@@ -55,7 +52,7 @@ def build_table(runs: list[Run], metric: str, baseline: Optional[str]) -> tuple[
             raise RunLogError(f"--baseline {baseline}: no finished run with that RUN_ID (finished: {known})")
         for row in rows:
             row["delta"] = row["mean"] - base["mean"]
-    rows += [unfinished_row(r, knobs) for r in runs if r.metric(metric) is None]
+    rows += [group_row([r], knobs, metric, r.describe_unfinished()) for r in runs if r.metric(metric) is None]
     return knobs, len({r.code for r in runs}) > 1, rows
 
 
