@@ -1,16 +1,84 @@
-"""Shared pytest fixtures: a small dataset in the challenge's exact format, made from generated text.
+"""Shared test helpers and fixtures: small models and configurations, a subprocess runner for the
+script, and a small dataset in the challenge's exact format, made from generated text.
 
 Nothing here needs the network or ../shared: data/build_dataset.py trains a SentencePiece BPE model
 with the challenge's settings on a generated pseudo-language and writes its train/val shards.
+Tests marked `slow` run the script end to end in subprocesses; `pytest -m "not slow"` skips them.
 """
 
+import os
 import random
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
+import train_gpt as tg
 from data import build_dataset as bd
+
+REPO = Path(__file__).resolve().parent
+SCRIPT = REPO / "train_gpt.py"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: runs train_gpt.py or run.sh end to end in a subprocess")
+
+
+# --- models and configurations ------------------------------------------------------------------
+
+
+def hparams(**env) -> tg.Hyperparameters:
+    """Hyperparameters from an environment dict, the way the script reads them."""
+    return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+
+
+SMALL = dict(VOCAB_SIZE=512, NUM_LAYERS=5, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=4,
+             XSA_LAST_N=5, PARALLEL_RESIDUAL_START=3, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2,
+             TRAIN_SEQ_LEN=16, EVAL_SEQ_LEN=16)
+
+
+def loop_plan(**env) -> tg.LoopPlan:
+    return tg.LoopPlan.from_hyperparameters(hparams(**env))
+
+
+def small_model(**overrides) -> tg.GPT:
+    torch.manual_seed(0)
+    return tg.GPT(hparams(**{**SMALL, **overrides}))
+
+
+def randomize(model: tg.GPT) -> None:
+    """Move every parameter off its (partly zero) init so that every gradient path is live."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "step_scales" in name or name.endswith("_scale") or name.endswith("q_gain"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.2)
+
+
+# --- end-to-end runs ----------------------------------------------------------------------------
+
+# A configuration small enough to train for a few seconds on 2 CPU cores with tiny_data.
+E2E = dict(VOCAB_SIZE=512, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, XSA_LAST_N=4,
+           PARALLEL_RESIDUAL_START=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, ENABLE_LOOPING_AT=0.3,
+           TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, VAL_BATCH_TOKENS=8192,
+           ITERATIONS=400, MAX_WALLCLOCK_SECONDS=25, WARMUP_STEPS=2, VAL_LOSS_EVERY=20, TRAIN_LOG_EVERY=10,
+           EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=10, WARMDOWN_FRAC=0.5, TIED_EMBED_LR=0.05)
+
+
+def run_script(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
+    """Run a command with `env` on top of this environment (minus torchrun's rank variables)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update({k: str(v) for k, v in env.items()})
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(args, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+# --- data ---------------------------------------------------------------------------------------
 
 VOCAB = 512
 

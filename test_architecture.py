@@ -15,24 +15,7 @@ import torch
 import train_gpt as tg
 from data.build_dataset import write_shard
 
-REPO = Path(__file__).resolve().parent
-SCRIPT = REPO / "train_gpt.py"
-
-
-def hparams(**env) -> tg.Hyperparameters:
-    """Hyperparameters from an environment dict, the way the script reads them."""
-    return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
-
-
-SMALL = dict(VOCAB_SIZE=512, NUM_LAYERS=5, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=4,
-             XSA_LAST_N=5, PARALLEL_RESIDUAL_START=3, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2,
-             TRAIN_SEQ_LEN=16, EVAL_SEQ_LEN=16)
-
-
-def small_model(**overrides) -> tg.GPT:
-    torch.manual_seed(0)
-    return tg.GPT(hparams(**{**SMALL, **overrides}))
-
+from conftest import E2E, REPO, SCRIPT, hparams, loop_plan, randomize, run_script, small_model
 
 def layers(plan):
     return [layer for layer, _ in plan]
@@ -42,13 +25,13 @@ def layers(plan):
 
 
 def test_default_looped_sequence_matches_record():
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(), 2))
+    enc, dec = loop_plan().unet(2)
     assert layers(enc) == [0, 1, 2, 3, 4, 5, 3, 4]
     assert layers(dec) == [5, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def test_loop_end_6_sequence():
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(LOOP_END=6), 2))
+    enc, dec = loop_plan(LOOP_END=6).unet(2)
     assert layers(enc) == [0, 1, 2, 3, 4, 5, 6, 3, 4]
     assert layers(dec) == [5, 6, 3, 4, 5, 6, 7, 8, 9, 10]
 
@@ -56,38 +39,42 @@ def test_loop_end_6_sequence():
 @pytest.mark.parametrize("env", [dict(NUM_LOOPS=0), dict()])
 def test_plain_sequence(env):
     # NUM_LOOPS=0 always, and any config before looping switches on, runs 0..NUM_LAYERS-1.
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), 0 if env else 2))
+    enc, dec = loop_plan(**env).unet(0 if env else 2)
     if env:
         assert layers(enc) == [0, 1, 2, 3, 4] and layers(dec) == [5, 6, 7, 8, 9, 10]
-    enc, dec = tg.unet_split(tg.virtual_layers(hparams(**env), 0))
+    enc, dec = loop_plan(**env).unet(0)
     assert layers(enc) == [0, 1, 2, 3, 4] and layers(dec) == [5, 6, 7, 8, 9, 10]
 
 
 def test_slots_are_unique_per_pass_and_plain_uses_physical_slots():
     hp = hparams()
-    looped = tg.virtual_layers(hp, 2)
+    looped = tg.LoopPlan.from_hyperparameters(hp).virtual_layers(2)
     slots = [slot for _, slot in looped]
-    assert sorted(slots) == list(range(tg.num_slots(hp))) == list(range(17))
-    assert [slot for _, slot in tg.virtual_layers(hp, 0)] == list(range(11))
+    assert sorted(slots) == list(range(tg.LoopPlan.from_hyperparameters(hp).num_slots)) == list(range(17))
+    assert [slot for _, slot in tg.LoopPlan.from_hyperparameters(hp).virtual_layers(0)] == list(range(11))
     # the first pass of the band shares its slot with the plain sequence
     assert looped[3] == (3, 3) and looped[6] == (3, 11) and looped[9] == (3, 14)
 
 
-def test_model_uses_looped_plan_only_when_looping():
+def test_looping_block_chooses_the_sequence_and_restores_the_count():
     model = small_model()
-    assert model.plans[0] == tg.unet_split(tg.virtual_layers(model.hp, 0))
+    assert model.sequences[0] == model.plan.unet(0) and model.loops == model.hp.num_loops == 2
     calls = []
     for block in model.blocks:
-        block.register_forward_hook(lambda m, i, o, idx=len(calls): calls.append(m))
+        block.register_forward_hook(lambda m, i, o: calls.append(list(model.blocks).index(m)))
     ids = torch.randint(0, 512, (1, 8))
-    model.forward_logits(ids)
-    plain = [list(model.blocks).index(b) for b in calls]
+    with model.looping(0):
+        model.forward_logits(ids)
+    plain = calls[:]
     calls.clear()
-    model.set_loops(model.hp.num_loops)
-    model.forward_logits(ids)
-    looped = [list(model.blocks).index(b) for b in calls]
+    model.forward_logits(ids)  # outside any block: the evaluated count, NUM_LOOPS
     assert plain == [0, 1, 2, 3, 4]
-    assert looped == [0, 1, 2, 1, 2, 1, 2, 3, 4]
+    assert calls == [0, 1, 2, 1, 2, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.looping(5):
+            assert model.loops == 5
+            raise RuntimeError("inside")
+    assert model.loops == 2  # restored even when the block raised
 
 
 # --- forward and gradients ----------------------------------------------------------------------
@@ -99,11 +86,11 @@ def test_forward_shapes_and_loss(flags):
     model = small_model(**flags)
     ids = torch.randint(0, 512, (3, 16))
     for loops in (0, 2):
-        model.set_loops(loops)
-        logits = model.forward_logits(ids)
+        with model.looping(loops):
+            logits = model.forward_logits(ids)
+            loss = model(ids, ids)
         assert logits.shape == (3, 16, 512) and logits.dtype == torch.float32
         assert logits.abs().max() <= 30.0
-        loss = model(ids, ids)
         assert loss.ndim == 0 and math.isfinite(loss.item())
 
 
@@ -113,24 +100,13 @@ def test_fresh_model_predicts_nearly_uniform():
     assert abs(loss.item() - math.log(512)) < 0.05
 
 
-def randomize(model: tg.GPT) -> None:
-    """Move every parameter off its (partly zero) init so that every gradient path is live."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "step_scales" in name or name.endswith("_scale") or name.endswith("q_gain"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.2)
-
 
 @pytest.mark.parametrize("flags", [dict(), dict(BIRKHOFF_MIX=0, OUTPUT_LN=0, TIMESTEP_SCALE=0)])
 def test_gradient_reaches_every_parameter_when_looping(flags):
     model = small_model(**flags)
     randomize(model)
-    model.set_loops(model.hp.num_loops)
     ids = torch.randint(0, 512, (2, 16))
-    model(ids, torch.roll(ids, -1, 1)).backward()
+    model(ids, torch.roll(ids, -1, 1)).backward()  # at NUM_LOOPS
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     if not flags:
@@ -138,7 +114,7 @@ def test_gradient_reaches_every_parameter_when_looping(flags):
         # (slot 0 has no mix logit: the first layer always sees x == x0)
         for name, rows in (("mix_logits", 8), ("attn_step_scales", 9), ("mlp_step_scales", 9)):
             grad = getattr(model, name).grad
-            assert grad.shape[0] == rows and tg.num_slots(model.hp) == 9
+            assert grad.shape[0] == rows and model.plan.num_slots == 9
             assert (grad.abs().sum(dim=1) > 0).all(), name
 
 
@@ -146,7 +122,8 @@ def test_unlooped_forward_leaves_extra_pass_slots_untouched():
     model = small_model()
     randomize(model)
     ids = torch.randint(0, 512, (2, 16))
-    model(ids, ids).backward()
+    with model.looping(0):
+        model(ids, ids).backward()
     grad = model.mix_logits.grad.abs().sum(dim=1)
     assert (grad[:4] > 0).all() and (grad[4:] == 0).all()  # slots 1..4 used, extra-pass slots 5..8 not
 
@@ -293,8 +270,7 @@ def test_training_step_changes_every_parameter_group():
     optimizers = tg.build_optimizers(model, model.hp, FakeRuntime())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 512, (2, 16))
-    model.set_loops(model.hp.num_loops)
-    model(ids, torch.roll(ids, -1, 1)).backward()
+    model(ids, torch.roll(ids, -1, 1)).backward()  # at NUM_LOOPS
     for opt in optimizers:
         opt.step()
     for n, p in model.named_parameters():
@@ -412,13 +388,13 @@ def test_missing_data_and_tokenizer_mismatch(data_copy, tmp_path):
 ])
 def test_bad_variables_are_named(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
-        tg.validate(hparams(**env), world_size=1)
+        tg.check_config(hparams(**env), world_size=1)
 
 
 def test_world_size_must_divide_8():
     with pytest.raises(tg.ConfigError, match="WORLD_SIZE=3: must divide 8"):
-        tg.validate(hparams(), world_size=3)
-    tg.validate(hparams(), world_size=4)
+        tg.check_config(hparams(), world_size=3)
+    tg.check_config(hparams(), world_size=4)
 
 
 def test_defaults_are_the_record_stack_plus_ours():
@@ -431,17 +407,11 @@ def test_defaults_are_the_record_stack_plus_ours():
     assert len(hparams().run_id) == 36 and hparams(RUN_ID="abc").run_id == "abc"
 
 
-def test_readme_documents_every_variable():
-    readme = (REPO / "README.md").read_text()
-    missing = [f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters) if f"`{f.name.upper()}`" not in readme]
-    assert not missing
-
-
-def run_script(args, env, cwd, timeout=300):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    full_env.update({k: str(v) for k, v in env.items()})
-    full_env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(args, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def test_every_knob_has_a_doc_string_and_no_knob_is_read_outside_the_configuration():
+    for f in tg.dataclasses.fields(tg.Hyperparameters):
+        assert f.metadata.get("doc"), f.name
+    source = SCRIPT.read_text()
+    assert source.count("os.environ") == 2 and "environ.get(f.name.upper())" in source  # from_env, and main()
 
 
 def test_script_reports_bad_variable_without_traceback(tmp_path):
@@ -461,13 +431,7 @@ def test_script_reports_missing_data_without_traceback(tmp_path):
 
 # --- end to end ----------------------------------------------------------------------------------
 
-E2E = dict(VOCAB_SIZE=512, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, XSA_LAST_N=4,
-           PARALLEL_RESIDUAL_START=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, ENABLE_LOOPING_AT=0.3,
-           TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, VAL_BATCH_TOKENS=8192,
-           ITERATIONS=400, MAX_WALLCLOCK_SECONDS=25, WARMUP_STEPS=2, VAL_LOSS_EVERY=20, TRAIN_LOG_EVERY=10,
-           EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=10, WARMDOWN_FRAC=0.5, TIED_EMBED_LR=0.05)
-
-
+@pytest.mark.slow
 def test_end_to_end_torchrun_two_ranks_on_cpu(tiny_data, tmp_path):
     env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="e2e", SEED=7)
     result = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

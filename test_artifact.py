@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_architecture import E2E, SCRIPT, hparams, randomize, run_script, small_model
+from conftest import E2E, SCRIPT, hparams, randomize, run_script, small_model
 
 CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
                  attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
@@ -161,7 +161,6 @@ def eval_setup(tiny_data, **overrides):
     torch.manual_seed(0)
     model = tg.GPT(hp)
     randomize(model)
-    model.set_loops(model.hp.num_loops)
     val = tg.Validation(tg.load_validation_tokens(hp), tg.byte_counts(tiny_data["sp"]))
     return hp, model, val
 
@@ -222,6 +221,7 @@ def test_ttt_with_zero_epochs_equals_sliding_window(tiny_data):
 # --- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_end_to_end_artifact_and_post_quant_scores(tiny_data, tmp_path):
     env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="art", SEED=3, MAX_WALLCLOCK_SECONDS=20,
                GPTQ_RESERVE_SECONDS=2, GPTQ_CALIBRATION_BATCHES=4, EVAL_STRIDE=32, TTT_ENABLED=1, TTT_EPOCHS=1,

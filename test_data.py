@@ -16,8 +16,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
-from conftest import pseudo_language
-from test_architecture import E2E
+from conftest import E2E, pseudo_language
 from data import build_dataset as bd
 
 REPO = Path(__file__).resolve().parent
@@ -199,6 +198,7 @@ def test_network_failure_names_the_url(tmp_path):
 # --- the main job on a machine without GPUs or hub access ----------------------------------------
 
 
+@pytest.mark.slow
 def test_run_sh_builds_a_demo_dataset_and_trains_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(DATA_DIR=str(tmp_path / "demo"), MAX_WALLCLOCK_SECONDS="25", GPTQ_RESERVE_SECONDS="3",
@@ -217,6 +217,7 @@ def test_run_sh_builds_a_demo_dataset_and_trains_on_cpu(tmp_path):
     assert bpb < 0.8 * uniform
 
 
+@pytest.mark.slow
 def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_data, tmp_path):
     # A stand-in nvidia-smi takes run.sh down its GPU branch; the data is already there, so nothing is
     # downloaded, and train_gpt.py itself still runs on the CPU with a small configuration.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_architecture import E2E, SCRIPT, hparams, randomize, run_script, small_model
+from conftest import E2E, SCRIPT, hparams, loop_plan, randomize, run_script, small_model
 
 PRE, POST = [0, 1, 2], [6, 7, 8, 9, 10]  # default 11 layers, band 3..5, NUM_LOOPS=2
 
@@ -27,34 +27,34 @@ def band_passes(seq, passes):
 
 @pytest.mark.parametrize("loops", [0, 1, 2, 3, 4, 6])
 def test_every_loop_count_runs_the_band_that_many_extra_times(loops):
-    seq = tg.virtual_layers(hparams(), loops)
+    seq = loop_plan().virtual_layers(loops)
     assert [layer for layer, _ in seq] == PRE + [3, 4, 5] * (loops + 1) + POST
     assert [slot for layer, slot in seq if layer not in (3, 4, 5)] == PRE + POST
 
 
 def test_passes_beyond_the_trained_count_reuse_the_last_trained_pass_slots():
-    passes = band_passes(tg.virtual_layers(hparams(), 5), 6)
+    passes = band_passes(loop_plan().virtual_layers(5), 6)
     assert [[slot for _, slot in p] for p in passes] == [
         [3, 4, 5], [11, 12, 13], [14, 15, 16], [14, 15, 16], [14, 15, 16], [14, 15, 16]]
-    shorter = band_passes(tg.virtual_layers(hparams(), 1), 2)
+    shorter = band_passes(loop_plan().virtual_layers(1), 2)
     assert [[slot for _, slot in p] for p in shorter] == [[3, 4, 5], [11, 12, 13]]
-    assert tg.num_slots(hparams()) == 17
+    assert loop_plan().num_slots == 17
 
 
 def test_shared_parameters_put_every_pass_on_its_layer_slot():
     hp = hparams(SHARE_LOOP_PARAMS=1)
     for loops in (1, 2, 4):
-        assert all(layer == slot for layer, slot in tg.virtual_layers(hp, loops))
-    assert tg.num_slots(hp) == 11 and tg.mixed_slots(hp) == list(range(1, 11))
+        assert all(layer == slot for layer, slot in tg.LoopPlan.from_hyperparameters(hp).virtual_layers(loops))
+    assert tg.LoopPlan.from_hyperparameters(hp).num_slots == 11 and tg.LoopPlan.from_hyperparameters(hp).mixed_slots == list(range(1, 11))
     # a band starting at layer 0 re-runs slot 0 on a mixed stream, so it gets a logit
-    assert tg.mixed_slots(hparams(SHARE_LOOP_PARAMS=1, LOOP_START=0)) == list(range(11))
+    assert loop_plan(SHARE_LOOP_PARAMS=1, LOOP_START=0).mixed_slots == list(range(11))
 
 
 def test_loop_sample_owns_slots_up_to_its_largest_count():
     hp = hparams(LOOP_SAMPLE="3,1")
-    assert hp.loop_sample == (1, 3) and tg.trained_loop_counts(hp) == [0, 1, 3]
-    assert tg.num_slots(hp) == 11 + 3 * 3
-    passes = band_passes(tg.virtual_layers(hp, 4), 5)
+    assert hp.loop_sample == (1, 3) and tg.LoopPlan.from_hyperparameters(hp).trained_counts == (0, 1, 3)
+    assert tg.LoopPlan.from_hyperparameters(hp).num_slots == 11 + 3 * 3
+    passes = band_passes(tg.LoopPlan.from_hyperparameters(hp).virtual_layers(4), 5)
     assert [[slot for _, slot in p] for p in passes][3:] == [[17, 18, 19], [17, 18, 19]]
 
 
@@ -62,7 +62,7 @@ def test_eval_loops_never_change_the_model_tensors():
     shapes = {n: p.shape for n, p in small_model().named_parameters()}
     model = small_model(EVAL_LOOPS="0,1,3,6")
     assert {n: p.shape for n, p in model.named_parameters()} == shapes
-    assert sorted(model.plans) == [0, 1, 2, 3, 6]
+    assert sorted(model.sequences) == [0, 1, 2, 3, 6]
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(SHARE_LOOP_PARAMS=1)])
@@ -74,8 +74,8 @@ def test_forward_at_any_loop_count_calls_the_blocks_in_the_plan(flags):
     ids = torch.randint(0, 512, (1, 8))
     for loops in (0, 1, 4, 7):
         calls.clear()
-        model.set_loops(loops)
-        loss = model(ids, ids)
+        with model.looping(loops):
+            loss = model(ids, ids)
         assert calls == [0] + [1, 2] * (loops + 1) + [3, 4] and math.isfinite(loss.item())
 
 
@@ -87,8 +87,8 @@ def test_skip_pair_k_uses_weight_k_and_pairs_beyond_the_trained_ones_get_none():
     ids = torch.randint(0, 512, (2, 16))
     for loops, used in ((0, 2), (5, 4)):  # 5 virtual layers: 2 pairs; 15: 7 pairs, only 4 weighted
         model.zero_grad()
-        model.set_loops(loops)
-        model(ids, ids).backward()
+        with model.looping(loops):
+            model(ids, ids).backward()
         rows = model.skip_weights.grad.abs().sum(dim=1)
         assert (rows[:used] > 0).all() and (rows[used:] == 0).all()
 
@@ -96,10 +96,9 @@ def test_skip_pair_k_uses_weight_k_and_pairs_beyond_the_trained_ones_get_none():
 def test_shared_slot_zero_logit_is_trained_when_the_band_starts_at_layer_zero():
     model = small_model(SHARE_LOOP_PARAMS=1, LOOP_START=0, LOOP_END=1)
     randomize(model)
-    model.set_loops(2)
-    ids = torch.randint(0, 512, (2, 16))
+    ids = torch.randint(0, 512, (2, 16))  # NUM_LOOPS=2
     model(ids, torch.roll(ids, -1, 1)).backward()
-    assert model.mix_logits.shape[0] == tg.num_slots(model.hp) == 5
+    assert model.mix_logits.shape[0] == model.plan.num_slots == 5
     assert (model.mix_logits.grad.abs().sum(dim=1) > 0).all()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -125,12 +124,13 @@ def test_loop_counts_are_drawn_from_the_set_by_seed_and_step():
 ])
 def test_bad_loop_knobs_are_named(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
-        tg.validate(hparams(**env), world_size=1)
+        tg.check_config(hparams(**env), world_size=1)
 
 
 # --- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_random_loop_counts_two_ranks_and_eval_loops(tiny_data, tmp_path):
     env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="dial", SEED=11, ITERATIONS=30, MAX_WALLCLOCK_SECONDS=0,
                ENABLE_LOOPING_AT_STEP=6, WARMUP_STEPS=1, VAL_LOSS_EVERY=0, LOOP_SAMPLE="0,1,2", EVAL_LOOPS="0,1,3",

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from test_architecture import E2E, SCRIPT, run_script
+import train_gpt as tg
+from conftest import E2E, REPO, SCRIPT, run_script
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import knob_table  # noqa: E402
 import pack_code  # noqa: E402
 import package_record  # noqa: E402
 import plot_runs  # noqa: E402
@@ -59,6 +61,7 @@ def final(record: dict) -> float:
 # --- summarizer ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_summary_groups_seeds_sorts_and_keeps_the_failed_run(sweep, tmp_path, capsys):
     out = tmp_path / "s.tsv"
     assert summarize_runs.main([str(sweep), "--baseline", "a_s2", "--tsv", str(out)]) == 0
@@ -79,6 +82,7 @@ def test_summary_groups_seeds_sorts_and_keeps_the_failed_run(sweep, tmp_path, ca
     assert "| broken |" in markdown and "failed (DataError" in markdown and "± " in markdown
 
 
+@pytest.mark.slow
 def test_summary_lists_a_run_that_was_killed(sweep, tmp_path, capsys):
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -91,6 +95,7 @@ def test_summary_lists_a_run_that_was_killed(sweep, tmp_path, capsys):
     assert re.search(r"\| killed \| 1 \| — \| — \|.*\| running \(last step 7\) \|$", table, re.M), table
 
 
+@pytest.mark.slow
 def test_summary_errors_name_the_problem(sweep, tmp_path, capsys):
     assert summarize_runs.main([str(sweep), "--baseline", "nope"]) == 2
     assert "--baseline nope: no finished run" in capsys.readouterr().err
@@ -104,6 +109,7 @@ def test_summary_errors_name_the_problem(sweep, tmp_path, capsys):
 # --- plots --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plots_are_written_and_left_out_runs_named(sweep, tmp_path, capsys):
     knob_png, curve_png = tmp_path / "k.png", tmp_path / "c.png"
     assert plot_runs.main(["knob", "QK_GAIN_INIT", str(sweep), "-o", str(knob_png)]) == 0
@@ -117,6 +123,7 @@ def test_plots_are_written_and_left_out_runs_named(sweep, tmp_path, capsys):
     assert "--runs: no result for zzz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_loops_plot_and_its_table(sweep, tmp_path, capsys):
     png = tmp_path / "loops.png"
     assert plot_runs.main(["eval-loops", str(sweep), "--relative-to", "1", "-o", str(png)]) == 0
@@ -157,6 +164,7 @@ def train_lines(log: str) -> list[str]:
     return [re.sub(r"( train_time| eval_time| tok/s).*$", "", line) for line in log.splitlines() if re.match(keep, line)]
 
 
+@pytest.mark.slow
 def test_packed_script_runs_end_to_end_like_the_source(sweep, tiny_data, tmp_path):
     packed = tmp_path / "train_gpt.py"
     assert pack_code.main([str(SCRIPT), "-o", str(packed)]) == 0
@@ -183,6 +191,7 @@ def package_args(sweep: Path, records: Path, *extra: str) -> list[str]:
             "--technique-summary", "tiny test model", "--records-dir", str(records), *extra]
 
 
+@pytest.mark.slow
 def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     a_scores = [final(result(sweep, f"a_s{s}")) for s in (1, 2, 3)]
     record_bpb = statistics.fmean(a_scores) + 0.5
@@ -207,6 +216,7 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     assert "| 3 | 12 |" in readme and (folder / "requirements.txt").exists()
 
 
+@pytest.mark.slow
 def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
     mean = statistics.fmean(final(result(sweep, f"a_s{s}")) for s in (1, 2, 3))
     assert package_record.main(package_args(sweep, tmp_path, "--record-bpb", str(mean))) == 0
@@ -224,12 +234,14 @@ def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
     (["a_s1", "broken"], "runs that did not finish: broken: failed (DataError"),
     (["a_s1", "a_s1"], "a seed appears more than once"),
 ])
+@pytest.mark.slow
 def test_package_refuses_runs_that_are_not_one_configuration(sweep, tmp_path, capsys, runs, message):
     args = [str(sweep / "logs" / f"{r}.json") for r in runs] + package_args(sweep, tmp_path)[3:]
     assert package_record.main(args) == 2
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_package_refuses_a_script_the_logs_did_not_run(sweep, tmp_path, capsys):
     other = tmp_path / "train_gpt.py"
     other.write_text(SCRIPT.read_text() + "\n")
@@ -261,3 +273,24 @@ def test_every_tool_has_help():
     for tool in ("summarize_runs.py", "plot_runs.py", "package_record.py", "pack_code.py"):
         out = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, tool
+
+
+# --- the README's knob table ---------------------------------------------------------------------
+
+
+def test_readme_knob_table_is_the_one_generated_from_the_code():
+    readme = (REPO / "README.md").read_text()
+    assert knob_table.current_table(readme) == knob_table.render()
+    for f in tg.dataclasses.fields(tg.Hyperparameters):
+        assert f"| `{f.name.upper()}` | " in readme
+
+
+def test_knob_table_check_fails_on_a_stale_readme(tmp_path, capsys):
+    table = knob_table.render()
+    stale = table.replace("| `SEED` | `1337` |", "| `SEED` | `42` |")
+    assert stale != table
+    (tmp_path / "README.md").write_text("intro\n" + stale + "\nrest\n")
+    assert knob_table.main(["--check", str(tmp_path / "README.md")]) == 1
+    assert knob_table.main(["--write", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "README.md").read_text() == "intro\n" + table + "\nrest\n"
+    assert knob_table.main(["--check", str(tmp_path / "README.md")]) == 0

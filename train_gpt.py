@@ -5,7 +5,7 @@ Run on 8 GPUs with `torchrun --standalone --nproc_per_node=8 train_gpt.py`, on o
 variable (see `Hyperparameters`); each run writes `logs/{RUN_ID}.txt` and `logs/{RUN_ID}.json`.
 
 The file reads in the order data flows: configuration -> runtime & logging -> data -> model ->
-optimizers -> training loop -> quantization & artifact -> evaluation -> main().
+optimizers -> scoring -> training loop -> quantization & artifact -> evaluation of the artifact -> main().
 """
 
 import contextlib
@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import brotli
 import numpy as np
@@ -46,6 +46,12 @@ class ConfigError(ValueError):
 # Loop counts are in NUM_LOOPS's unit: extra passes of the band (0 = the band runs once).
 LoopCounts = tuple[int, ...]
 
+# The challenge's hardware. The global batch is defined for it: a run on fewer GPUs accumulates
+# gradients over REFERENCE_GPUS // WORLD_SIZE micro-batches, so it optimizes the same objective.
+REFERENCE_GPUS = 8
+
+COMPRESSORS = ("brotli", "lzma")  # artifact coders (see the quantization & artifact section)
+
 
 def knob(default, doc: str):
     return dataclasses.field(default=default, metadata={"doc": doc})
@@ -57,20 +63,22 @@ class Hyperparameters:
     data_dir: str = knob("./data/", "root holding datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/")
     vocab_size: int = knob(8192, "tokenizer vocabulary size; selects the dataset variant")
     seed: int = knob(1337, "seed for init and data order")
-    run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (random if unset)")
+    run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (a random UUID if unset)")
     # shape
     num_layers: int = knob(11, "physical transformer blocks")
     model_dim: int = knob(512, "residual stream width")
+    embedding_dim: Optional[int] = knob(None, "accepted for the records' scripts; must equal MODEL_DIM when set "
+                                              "(a factored embedding is not supported)")
     num_heads: int = knob(8, "query heads")
     num_kv_heads: int = knob(4, "key/value heads (grouped-query attention)")
-    mlp_mult: float = knob(4.0, "MLP hidden width = MLP_MULT * MODEL_DIM")
+    mlp_mult: float = knob(4.0, "MLP hidden width = MLP_MULT × MODEL_DIM")
     tie_embeddings: bool = knob(True, "output head shares the token embedding")
-    logit_softcap: float = knob(30.0, "logits = c * tanh(z / c)")
+    logit_softcap: float = knob(30.0, "logits = c·tanh(z/c)")
     rope_base: float = knob(10000.0, "rotary base frequency")
     rope_dims: int = knob(16, "rotary dims per head (0 = whole head)")
-    ln_scale: bool = knob(True, "multiply sublayer norms by 1/sqrt(layer+1)")
+    ln_scale: bool = knob(True, "multiply sublayer norms by 1/√(layer+1)")
     xsa_last_n: int = knob(11, "last N layers remove each head's own-value component")
-    parallel_residual_start: int = knob(7, "layers >= this read one input for attention and MLP (<0: none)")
+    parallel_residual_start: int = knob(7, "layers ≥ this read one input for attention and MLP (< 0: none)")
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips (else additive)")
     qk_gain_init: float = knob(5.25, "initial per-head query gain")
     # depth recurrence
@@ -78,19 +86,19 @@ class Hyperparameters:
     loop_start: int = knob(3, "first physical layer of the looped band")
     loop_end: int = knob(5, "last physical layer of the looped band (inclusive)")
     enable_looping_at: float = knob(0.35, "fraction of the training budget after which looping turns on")
-    enable_looping_at_step: Optional[int] = knob(None, "if set, looping turns on at this step instead")
-    loop_sample: LoopCounts = knob((), "once looping is on, each step draws its loop count from this set, e.g. 1,2,3")
+    enable_looping_at_step: Optional[int] = knob(None, "if set, looping turns on at this step instead (comparable across machines)")
+    loop_sample: LoopCounts = knob((), "once looping is on, each step draws its loop count from this set, e.g. 1,2,3 (empty: NUM_LOOPS)")
     share_loop_params: bool = knob(False, "every pass of the band uses its layers' first-pass parameters")
     # our additions
-    birkhoff_mix: bool = knob(True, "layer input = a*x + (1-a)*x0 per virtual layer (else free 2-vector mix)")
+    birkhoff_mix: bool = knob(True, "layer input = a·x + (1−a)·x0 per virtual layer (else the free 2-vector mix)")
     birkhoff_init: float = knob(0.98, "initial a of the Birkhoff mix, in (0, 1)")
-    output_ln: bool = knob(True, "MLP normalizes its output instead of its input")
+    output_ln: bool = knob(True, "the MLP normalizes its output instead of its input")
     timestep_scale: bool = knob(True, "per-virtual-layer attention/MLP output scales")
-    timestep_cap: Optional[float] = knob(4.0, "clamp of the timestep scales to [-cap, cap] ('none': no clamp)")
+    timestep_cap: Optional[float] = knob(4.0, "clamp of the timestep scales to [−cap, cap] (none: no clamp)")
     # schedule
     iterations: int = knob(20000, "maximum optimizer steps")
-    max_wallclock_seconds: float = knob(600.0, "training-time cap (0 = none; then the schedule is step-based)")
-    gptq_reserve_seconds: float = knob(12.0, "seconds of the cap reserved for Hessians + GPTQ (they count as training)")
+    max_wallclock_seconds: float = knob(600.0, "training-time cap (0 = none; the schedule is then step-based)")
+    gptq_reserve_seconds: float = knob(12.0, "seconds of the cap reserved for Hessians + GPTQ (they count as training time)")
     warmup_steps: int = knob(20, "compile warm-up steps, rolled back before training")
     warmdown_frac: float = knob(0.72, "final fraction of the budget with linearly decaying LR")
     min_lr: float = knob(0.0, "LR multiplier at the end of the warm-down")
@@ -105,37 +113,37 @@ class Hyperparameters:
     scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors")
     tied_embed_lr: float = knob(0.03, "AdamW LR for the tied embedding")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
-    embed_lr: float = knob(0.6, "AdamW LR for an untied input embedding")
-    head_lr: float = knob(0.008, "Adam LR for an untied output head")
+    embed_lr: float = knob(0.6, "AdamW LR for an untied input embedding (TIE_EMBEDDINGS=0)")
+    head_lr: float = knob(0.008, "Adam LR for an untied output head (TIE_EMBEDDINGS=0)")
     muon_momentum: float = knob(0.99, "Muon momentum after warm-up")
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear Muon momentum warm-up")
-    muon_backend_steps: int = knob(5, "Newton-Schulz iterations")
+    muon_backend_steps: int = knob(5, "Newton–Schulz iterations")
     muon_row_normalize: bool = knob(True, "normalize gradient rows before orthogonalizing")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices")
     embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
     adam_wd: float = knob(0.02, "AdamW weight decay of scalar/control tensors")
-    beta1: float = knob(0.9, "Adam beta1")
-    beta2: float = knob(0.95, "Adam beta2")
-    adam_eps: float = knob(1e-8, "Adam epsilon")
+    beta1: float = knob(0.9, "Adam β1")
+    beta2: float = knob(0.95, "Adam β2")
+    adam_eps: float = knob(1e-8, "Adam ε")
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)")
     ema_decay: float = knob(0.9965, "EMA decay of the weights, applied at the end (0 = off)")
     # quantization & artifact
-    gptq_calibration_batches: int = knob(64, "training micro-batches per rank for GPTQ Hessians (0 = round to nearest)")
+    gptq_calibration_batches: int = knob(64, "training micro-batches per rank for the GPTQ Hessians (0 = round to nearest)")
     matrix_bits: int = knob(6, "bits of the block matrices")
-    matrix_clip_sigmas: float = knob(12.85, "block matrices: row scale = k * std(row) / (2^(bits-1) - 1)")
+    matrix_clip_sigmas: float = knob(12.85, "block matrices: row step = k·std(row)/(2^(bits−1)−1)")
     embed_bits: int = knob(8, "bits of the embedding")
-    embed_clip_sigmas: float = knob(20.0, "embedding: row scale = k * std(row) / (2^(bits-1) - 1)")
-    compressor: str = knob("brotli", "brotli or lzma")
+    embed_clip_sigmas: float = knob(20.0, "embedding: row step = k·std(row)/(2^(bits−1)−1)")
+    compressor: str = knob("brotli", "brotli (quality 11) or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over 16,000,000 bytes is not an error")
     # post-quantization evaluation
-    sliding_window_enabled: bool = knob(True, "also score with overlapping windows")
+    sliding_window_enabled: bool = knob(True, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
     ttt_enabled: bool = knob(False, "score-first test-time training on the validation stream")
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine-decayed across chunks)")
     ttt_epochs: int = knob(3, "TTT passes over each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
-    ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored, then trained on")
+    ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored first, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
     eval_loops: LoopCounts = knob((), "after the round trip, also score the artifact at these loop counts, e.g. 0,1,2,4")
     # runtime
@@ -179,15 +187,16 @@ def parse_knob(name: str, raw: str, kind):
         raise ConfigError(f"{name}={raw!r}: expected {expected}{suffix}") from None
 
 
-def validate(hp: Hyperparameters, world_size: int) -> None:
+def check_config(hp: Hyperparameters, world_size: int) -> None:
     """Reject values the run cannot use, before anything is built, naming the variable."""
 
     def need(ok: bool, name: str, what: str) -> None:
         if not ok:
             raise ConfigError(f"{name}={getattr(hp, name.lower(), None)!r}: {what}")
 
-    if 8 % world_size != 0 or world_size < 1:
-        raise ConfigError(f"WORLD_SIZE={world_size}: must divide 8 (gradient accumulation is 8 // WORLD_SIZE)")
+    if world_size < 1 or REFERENCE_GPUS % world_size != 0:
+        raise ConfigError(f"WORLD_SIZE={world_size}: must divide {REFERENCE_GPUS} "
+                          f"(gradient accumulation is {REFERENCE_GPUS} // WORLD_SIZE)")
     for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                  "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "VAL_BATCH_TOKENS", "MUON_BACKEND_STEPS"):
         need(getattr(hp, name.lower()) > 0, name, "must be positive")
@@ -224,11 +233,12 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
     if hp.max_wallclock_seconds > 0:
         need(hp.gptq_reserve_seconds < hp.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
              f"must leave training time inside MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
-    micro_tokens = world_size * (8 // world_size) * hp.train_seq_len
+    micro_tokens = REFERENCE_GPUS * hp.train_seq_len
     need(hp.train_batch_tokens % micro_tokens == 0, "TRAIN_BATCH_TOKENS",
-         f"must be a multiple of 8 micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
-    need(hp.val_batch_tokens >= 8 * hp.eval_seq_len, "VAL_BATCH_TOKENS",
-         f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch (8 in all)")
+         f"must be a multiple of {REFERENCE_GPUS} micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
+    need(hp.val_batch_tokens >= REFERENCE_GPUS * hp.eval_seq_len, "VAL_BATCH_TOKENS",
+         f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch "
+         f"({REFERENCE_GPUS} in all)")
     need(hp.gptq_calibration_batches >= 0, "GPTQ_CALIBRATION_BATCHES", "must be >= 0")
     need(2 <= hp.matrix_bits <= 8, "MATRIX_BITS", "must be in 2..8 (codes are stored as int8)")
     need(2 <= hp.embed_bits <= 8, "EMBED_BITS", "must be in 2..8 (codes are stored as int8)")
@@ -244,10 +254,13 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
          "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
     need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
     need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
-    embedding_dim = os.environ.get("EMBEDDING_DIM")
-    if embedding_dim is not None and embedding_dim.strip() != str(hp.model_dim):
-        raise ConfigError(f"EMBEDDING_DIM={embedding_dim!r}: a factored embedding is not supported; "
-                          f"unset it or make it equal MODEL_DIM={hp.model_dim}")
+    need(hp.embedding_dim in (None, hp.model_dim), "EMBEDDING_DIM",
+         f"a factored embedding is not supported; unset it or make it equal MODEL_DIM={hp.model_dim}")
+
+
+def micro_batch_seqs(global_tokens: int, seq_len: int) -> int:
+    """Sequences in one rank's micro-batch when a global batch is split into REFERENCE_GPUS micro-batches."""
+    return global_tokens // (REFERENCE_GPUS * seq_len)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -268,7 +281,7 @@ class Runtime:
 
     @property
     def grad_accum_steps(self) -> int:
-        return 8 // self.world_size
+        return REFERENCE_GPUS // self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -313,7 +326,7 @@ def choose_attention(hp: Hyperparameters, device: torch.device) -> str:
 
 def init_runtime(hp: Hyperparameters, environ) -> Runtime:
     rank, local_rank, world_size, distributed = world_from_env(environ)
-    validate(hp, world_size)
+    check_config(hp, world_size)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -579,46 +592,64 @@ def byte_counts(sp: spm.SentencePieceProcessor) -> ByteCounts:
 # -----------------------------------------------------------------------------------------------
 
 
-def trained_loop_counts(hp: Hyperparameters) -> list[int]:
-    """Loop counts the training runs: 0 before looping turns on, then NUM_LOOPS or the LOOP_SAMPLE set."""
-    return sorted({0, *(hp.loop_sample or (hp.num_loops,))})
+@dataclasses.dataclass(frozen=True)
+class LoopPlan:
+    """Which physical layer, with which slot, every virtual layer runs, for any loop count.
 
+    Built once from the hyperparameters and held by the model. Passes up to the largest trained
+    count own their slots; passes beyond it (EVAL_LOOPS) reuse the last trained pass's slots, and
+    with SHARE_LOOP_PARAMS every pass uses its layer's slot.
+    """
 
-def passes_with_own_slots(hp: Hyperparameters) -> int:
-    """Extra passes of the band that have their own slots; later passes reuse the last of them."""
-    return 0 if hp.share_loop_params else max(trained_loop_counts(hp))
+    num_layers: int
+    band: range  # physical layers of the looped band
+    trained_counts: LoopCounts  # 0 before looping turns on, then NUM_LOOPS or the LOOP_SAMPLE set
+    owned_passes: int  # extra passes of the band that have their own slots
+    slot0_recurs: bool  # shared parameters make later passes of a band starting at layer 0 use slot 0
 
+    @classmethod
+    def from_hyperparameters(cls, hp: Hyperparameters) -> "LoopPlan":
+        trained = tuple(sorted({0, *(hp.loop_sample or (hp.num_loops,))}))
+        owned = 0 if hp.share_loop_params else max(trained)
+        slot0_recurs = hp.share_loop_params and hp.loop_start == 0 and max(trained) > 0
+        return cls(hp.num_layers, range(hp.loop_start, hp.loop_end + 1), trained, owned, slot0_recurs)
 
-def virtual_layers(hp: Hyperparameters, loops: int) -> list[tuple[int, int]]:
-    """The (layer, slot) sequence the forward pass runs with the band repeated `loops` extra times."""
-    if loops == 0:
-        return [(i, i) for i in range(hp.num_layers)]
-    band = range(hp.loop_start, hp.loop_end + 1)
-    owned = passes_with_own_slots(hp)
+    @property
+    def num_slots(self) -> int:
+        return self.num_layers + self.owned_passes * len(self.band)
 
-    def slot(layer: int, p: int) -> int:
-        q = min(p, owned)
-        return layer if q == 0 else hp.num_layers + (q - 1) * len(band) + layer - hp.loop_start
+    @property
+    def mixed_slots(self) -> list[int]:
+        """Slots that get a Birkhoff logit. Slot 0's only user is usually the first virtual layer, where
+        x == x0 and the mix is the identity (its logit would never get a gradient): it has none, unless
+        shared parameters make later passes of the band use it too."""
+        return list(range(0 if self.slot0_recurs else 1, self.num_slots))
 
-    return ([(i, i) for i in range(hp.loop_start)] + [(i, slot(i, p)) for p in range(loops + 1) for i in band]
-            + [(i, i) for i in range(hp.loop_end + 1, hp.num_layers)])
+    def slot(self, layer: int, extra_pass: int) -> int:
+        p = min(extra_pass, self.owned_passes)
+        return layer if p == 0 else self.num_layers + (p - 1) * len(self.band) + layer - self.band.start
 
+    def virtual_layers(self, loops: int) -> list[tuple[int, int]]:
+        """The (layer, slot) sequence the forward pass runs with the band repeated `loops` extra times."""
+        if loops == 0:
+            return [(i, i) for i in range(self.num_layers)]
+        return ([(i, i) for i in range(self.band.start)]
+                + [(i, self.slot(i, p)) for p in range(loops + 1) for i in self.band]
+                + [(i, i) for i in range(self.band.stop, self.num_layers)])
 
-def unet_split(seq: list) -> tuple[list, list]:
-    """First half (rounded down) encodes, the rest decodes."""
-    return seq[:len(seq) // 2], seq[len(seq) // 2:]
+    def unet(self, loops: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The virtual layers split into encoder (first half, rounded down) and decoder."""
+        seq = self.virtual_layers(loops)
+        return seq[:len(seq) // 2], seq[len(seq) // 2:]
 
+    @property
+    def num_skips(self) -> int:
+        """U-Net skip weights, sized by the trained sequences only so EVAL_LOOPS never changes the tensors."""
+        return max(min(len(enc), len(dec)) for enc, dec in map(self.unet, self.trained_counts))
 
-def num_slots(hp: Hyperparameters) -> int:
-    return hp.num_layers + passes_with_own_slots(hp) * (hp.loop_end - hp.loop_start + 1)
-
-
-def mixed_slots(hp: Hyperparameters) -> list[int]:
-    """Slots that get a Birkhoff logit. Slot 0's only user is usually the first virtual layer, where
-    x == x0 and the mix is the identity (its logit would never get a gradient): it has none, unless
-    shared parameters make later passes of a band starting at layer 0 use it too."""
-    slot0_recurs = hp.share_loop_params and hp.loop_start == 0 and max(trained_loop_counts(hp)) > 0
-    return list(range(0 if slot0_recurs else 1, num_slots(hp)))
+    def describe(self, loops: int) -> str:
+        encoder, decoder = self.unet(loops)
+        return f"encoder:{[layer for layer, _ in encoder]} decoder:{[layer for layer, _ in decoder]}"
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -748,14 +779,15 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.lm_head = None if hp.tie_embeddings else nn.Linear(hp.model_dim, hp.vocab_size, bias=False)
         self.blocks = nn.ModuleList(Block(hp, i, attn_backend) for i in range(hp.num_layers))
-        self.plans: dict[int, tuple[list, list]] = {}
-        for loops in {*trained_loop_counts(hp), hp.num_loops, *hp.eval_loops}:
-            self.set_loops(loops)
-        self.loops = 0  # extra passes of the band in the current forward plan
-        slots = num_slots(hp)
+        self.plan = LoopPlan.from_hyperparameters(hp)
+        # Sequences are looked up, not built, inside the forward: torch.compile then sees one graph
+        # per loop count, guarded on self.loops (see `looping`).
+        self.sequences = {n: self.plan.unet(n) for n in {*self.plan.trained_counts, hp.num_loops, *hp.eval_loops}}
+        self.loops = hp.num_loops  # extra passes of the band; changed only inside `looping`
+        slots = self.plan.num_slots
         if hp.birkhoff_mix:
             logit = math.log(hp.birkhoff_init / (1.0 - hp.birkhoff_init))
-            self.mix_row = {slot: row for row, slot in enumerate(mixed_slots(hp))}
+            self.mix_row = {slot: row for row, slot in enumerate(self.plan.mixed_slots)}
             self.mix_logits = nn.Parameter(torch.full((len(self.mix_row), hp.model_dim), logit))
         else:
             self.resid_mix = nn.Parameter(torch.stack([torch.ones(hp.num_layers, hp.model_dim),
@@ -763,8 +795,7 @@ class GPT(nn.Module):
         if hp.timestep_scale:
             self.attn_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
             self.mlp_step_scales = nn.Parameter(torch.ones(slots, hp.model_dim))
-        # Skip weights are sized by the trained sequences only, so EVAL_LOOPS never changes the tensors.
-        skips = max(min(len(enc), len(dec)) for enc, dec in (self.plans[n] for n in trained_loop_counts(hp)))
+        skips = self.plan.num_skips
         self.skip_weights = nn.Parameter(torch.ones(skips, hp.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(skips, hp.model_dim)) if hp.skip_gates_enabled else None
         rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
@@ -786,11 +817,16 @@ class GPT(nn.Module):
             elif min(module.weight.shape) >= 64:
                 nn.init.orthogonal_(module.weight)
 
-    def set_loops(self, loops: int) -> None:
-        """Run the band `loops` extra times from the next forward on (plans are built outside compile)."""
-        if loops not in self.plans:
-            self.plans[loops] = unet_split(virtual_layers(self.hp, loops))
-        self.loops = loops
+    @contextlib.contextmanager
+    def looping(self, loops: int):
+        """Run the band `loops` extra times in the forwards inside this block; the count is restored on exit."""
+        if loops not in self.sequences:
+            self.sequences[loops] = self.plan.unet(loops)
+        previous, self.loops = self.loops, loops
+        try:
+            yield self
+        finally:
+            self.loops = previous
 
     def stream_mix(self, x: Tensor, x0: Tensor, layer: int, slot: int) -> Tensor:
         if self.hp.birkhoff_mix:
@@ -823,7 +859,7 @@ class GPT(nn.Module):
         x = rms_norm(self.tok_emb(input_ids).to(self.activation_dtype))
         x0 = x
         cos, sin = self.rope_cos[:input_ids.size(1)], self.rope_sin[:input_ids.size(1)]
-        encoder, decoder = self.plans[self.loops]
+        encoder, decoder = self.sequences[self.loops]
         # Skips pair the innermost encoder output with the first decoder layer, outwards; pair k
         # uses skip weight k, and pairs beyond the trained count get no skip (as in the record,
         # whose shorter unlooped sequence uses only the inner weights).
@@ -944,8 +980,53 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 
 
 # -----------------------------------------------------------------------------------------------
-# Training loop: gradient accumulation to the 8-GPU global batch, a wall-clock budget shared by all
-# ranks, LR warm-down, looping switched on part-way, EMA of the weights.
+# Scoring: mean NLL over the whole validation split, in nats/token and bits/byte. Training uses it
+# for its validation curve; the evaluations of the artifact at the end build on it.
+# -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Validation:
+    """The validation split and the byte counts that turn its nats into bits per byte."""
+
+    tokens: np.ndarray
+    bytes: ByteCounts
+
+
+def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
+    """Each rank scores a contiguous share of the EVAL_SEQ_LEN sequences; sums are all-reduced."""
+    seq_len = hp.eval_seq_len
+    total_seqs = (len(val.tokens) - 1) // seq_len
+    first, end = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
+    batch_seqs = max(1, micro_batch_seqs(hp.val_batch_tokens, seq_len))
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
+    counts = val.bytes.to(rt.device)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for s in range(first, end, batch_seqs):
+            e = min(s + batch_seqs, end)
+            chunk = torch.from_numpy(val.tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
+            x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+            with autocast(rt):
+                loss = net(x, y)
+            sums[0] += loss.double() * y.numel()
+            sums[1] += y.numel()
+            sums[2] += counts.count(x.flatten(), y.flatten()).sum()
+    net.train(was_training)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    return nats_and_bpb(sums[0].item(), sums[1].item(), sums[2].item())
+
+
+def nats_and_bpb(nll_sum: float, tokens: float, num_bytes: float) -> tuple[float, float]:
+    loss = nll_sum / tokens
+    return loss, nll_sum / math.log(2.0) / num_bytes
+
+
+# -----------------------------------------------------------------------------------------------
+# Training loop: gradient accumulation to the REFERENCE_GPUS global batch, a wall-clock budget
+# shared by all ranks, LR warm-down, looping switched on part-way, EMA of the weights.
 # -----------------------------------------------------------------------------------------------
 
 
@@ -980,9 +1061,55 @@ def loop_count_at(step: int, hp: Hyperparameters) -> int:
     return hp.loop_sample[int(np.random.default_rng([hp.seed, step]).integers(len(hp.loop_sample)))]
 
 
-def format_plan(model: GPT) -> str:
-    encoder, decoder = model.plans[model.hp.num_loops]
-    return f"encoder:{[layer for layer, _ in encoder]} decoder:{[layer for layer, _ in decoder]}"
+class EMA:
+    """An fp32 exponential moving average of the weights, copied into the model when training ends."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.average = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.average, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, avg in zip(model.parameters(), self.average):
+            p.copy_(avg)
+
+
+class PausableClock:
+    """Training time, excluding the pauses taken for validation."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.banked_ms, self.started = device, 0.0, None
+
+    def resume(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        self.banked_ms = self.read_ms()
+        self.started = None
+
+    def read_ms(self) -> float:
+        synchronize(self.device)
+        return self.banked_ms + 1000.0 * (time.perf_counter() - self.started)
+
+
+def compiled_graph_count() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@dataclasses.dataclass
+class TrainingRecord:
+    """What the training loop did, for the end-of-run report."""
+
+    steps: int = 0
+    elapsed_ms: float = 0.0  # the slowest rank's training time after the last step
+    looping_step: Optional[int] = None
+    draws: list[int] = dataclasses.field(default_factory=list)  # the loop count of every looped step
+    recompiles: int = 0  # graphs compiled inside the timed steps
 
 
 class Trainer:
@@ -998,11 +1125,15 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, hp, rt)
         self.train_files = find_shards(hp, "train")
         self.loader = self.new_loader()
-        self.seqs_per_micro = hp.train_batch_tokens // (8 * hp.train_seq_len)
+        self.seqs_per_micro = micro_batch_seqs(hp.train_batch_tokens, hp.train_seq_len)
 
     def new_loader(self) -> TrainLoader:
         return TrainLoader(self.train_files, self.hp.train_seq_len, self.hp.vocab_size, self.hp.seed,
                            self.rt.rank, self.rt.world_size, self.rt.device)
+
+    def calibration_batches(self, count: int) -> Iterator[Tensor]:
+        """The next `count` training micro-batches' inputs (GPTQ's calibration data)."""
+        return (self.loader.next_batch(self.seqs_per_micro)[0] for _ in range(count))
 
     def step(self, step: int, lr_scale: float) -> Tensor:
         """One optimizer step over GRAD_ACCUM_STEPS micro-batches; returns the mean train loss."""
@@ -1035,14 +1166,13 @@ class Trainer:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for loops in trained_loop_counts(self.hp):
+        for loops in self.model.plan.trained_counts:
             t0 = time.perf_counter()
-            self.model.set_loops(loops)
-            for i in range(self.hp.warmup_steps):
-                self.step(i, 1.0)
+            with self.model.looping(loops):
+                for i in range(self.hp.warmup_steps):
+                    self.step(i, 1.0)
             synchronize(self.rt.device)
             self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done in {time.perf_counter() - t0:.1f}s")
-        self.model.set_loops(0)
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
@@ -1057,12 +1187,17 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
-    def validate(self, val: "Validation", loops: int) -> tuple[float, float]:
-        previous = self.model.loops
-        self.model.set_loops(loops)
-        result = evaluate(self.net, val, self.hp, self.rt)
-        self.model.set_loops(previous)
-        return result
+    def val_score(self, val: Validation) -> tuple[float, float]:
+        """(nats/token, bits/byte) of the model as it is now, at the evaluated loop count."""
+        with self.model.looping(self.hp.num_loops):
+            return evaluate(self.net, val, self.hp, self.rt)
+
+    def log_validation(self, val: Validation, record: TrainingRecord) -> None:
+        val_loss, val_bpb = self.val_score(val)
+        self.log(f"{record.steps}/{self.hp.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
+        self.log.result["val_curve"].append(dict(step=record.steps, train_time_ms=round(record.elapsed_ms),
+                                                 val_loss=val_loss, val_bpb=val_bpb))
+        self.log.save()
 
     def check_draws_agree(self, draws: list[int]) -> None:
         """Fail loudly if ranks ran different loop counts (DDP would not notice: the parameters match)."""
@@ -1076,89 +1211,75 @@ class Trainer:
             raise RuntimeError("LOOP_SAMPLE: ranks drew different loop counts")
         self.log(f"loop_counts: the {len(draws)} looped steps agree on all {self.rt.world_size} ranks")
 
-    def train(self, val: "Validation") -> None:
-        hp, rt, log = self.hp, self.rt, self.log
+    def train(self, val: Validation) -> None:
+        hp, log = self.hp, self.log
         self.warm_up()
-        ema = [p.detach().float().clone() for p in self.model.parameters()] if hp.ema_decay > 0 else None
+        ema = EMA(self.model, hp.ema_decay) if hp.ema_decay > 0 else None
         budget_ms = 1000.0 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else None
         if budget_ms is not None:
             log(f"train_budget: {budget_ms:.0f}ms (MAX_WALLCLOCK_SECONDS minus GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s)")
-        clock = PausableClock(rt.device)
-        # `elapsed` is the slowest rank's training time after the previous step: every decision
+        clock, record, stop = PausableClock(self.rt.device), TrainingRecord(), False
+        # record.elapsed_ms is the slowest rank's training time after the previous step: every decision
         # below (looping, LR, stopping) reads it, so all ranks make the same decision at the same step.
-        step, elapsed, stop, loop_step, recompiles, draws = 0, 0.0, False, None, 0, []
         clock.resume()
         while True:
-            last = step >= hp.iterations or stop
-            if last or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            last = record.steps >= hp.iterations or stop
+            if last or (hp.val_loss_every > 0 and record.steps % hp.val_loss_every == 0):
                 clock.pause()
-                val_loss, val_bpb = self.validate(val, hp.num_loops)
-                log(f"{step}/{hp.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}")
-                log.result["val_curve"].append(dict(step=step, train_time_ms=round(elapsed), val_loss=val_loss, val_bpb=val_bpb))
-                log.save()
+                self.log_validation(val, record)
                 clock.resume()
             if last:
                 break
-            frac = elapsed / budget_ms if budget_ms is not None else step / max(hp.iterations, 1)
-            if loop_step is None and looping_due(step, frac, hp):
-                loop_step = step
-                sample = f" loop_sample:{','.join(map(str, hp.loop_sample))}" if hp.loop_sample else ""
-                log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {format_plan(self.model)}{sample}")
-            if loop_step is not None:
-                draws.append(loop_count_at(step, hp))
-                self.model.set_loops(draws[-1])
-            graphs = compiled_graph_count()
-            loss = self.step(step, lr_multiplier(frac, hp))
-            recompiles += compiled_graph_count() - graphs
+            frac = record.elapsed_ms / budget_ms if budget_ms is not None else record.steps / max(hp.iterations, 1)
+            loss = self.timed_step(record, frac)
             if ema is not None:
-                with torch.no_grad():
-                    torch._foreach_lerp_(ema, [p.detach().float() for p in self.model.parameters()], 1.0 - hp.ema_decay)
-            step += 1
-            elapsed = self.synced_ms(clock.read_ms())
-            stop = budget_ms is not None and elapsed >= budget_ms
-            if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or stop):
-                tok_s = step * hp.train_batch_tokens / (elapsed / 1000.0)
-                log(f"{step}/{hp.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
-            if stop:
-                log(f"stopping_early: wallclock_cap train_time: {elapsed:.0f}ms step: {step}/{hp.iterations}")
-        self.check_draws_agree(draws)
-        self.model.set_loops(hp.num_loops)
-        log(f"peak_memory: {peak_memory_mib(rt.device):.0f} MiB")
-        if rt.compile:
-            log(f"compile: {recompiles} graph(s) compiled inside the timed training steps")
-        log.update(steps=step, train_time_ms=round(elapsed), looping_enabled_step=loop_step,
-                   steps_per_loop_count={n: draws.count(n) for n in sorted(set(draws))},
-                   tokens_per_s=step * hp.train_batch_tokens / max(elapsed / 1000.0, 1e-9),
-                   peak_memory_mib=round(peak_memory_mib(rt.device), 1),
-                   graphs_compiled_in_timed_steps=recompiles if rt.compile else None)
+                ema.update(self.model)
+            record.steps += 1
+            record.elapsed_ms = self.synced_ms(clock.read_ms())
+            stop = budget_ms is not None and record.elapsed_ms >= budget_ms
+            self.log_step(record, loss, stop)
+        self.check_draws_agree(record.draws)
+        report_training(record, hp, self.rt, log)
         if ema is not None:
-            with torch.no_grad():
-                for p, avg in zip(self.model.parameters(), ema):
-                    p.copy_(avg)
+            ema.copy_to(self.model)
             log("ema: applied EMA weights")
 
+    def timed_step(self, record: TrainingRecord, frac: float) -> Tensor:
+        """One optimizer step at the loop count the schedule gives it, counting graphs compiled during it."""
+        hp, step = self.hp, record.steps
+        if record.looping_step is None and looping_due(step, frac, hp):
+            record.looping_step = step
+            sample = f" loop_sample:{','.join(map(str, hp.loop_sample))}" if hp.loop_sample else ""
+            self.log(f"layer_loop:enabled step:{step} frac:{frac:.3f} {self.model.plan.describe(hp.num_loops)}{sample}")
+        loops = 0
+        if record.looping_step is not None:
+            loops = loop_count_at(step, hp)
+            record.draws.append(loops)
+        graphs = compiled_graph_count()
+        with self.model.looping(loops):
+            loss = self.step(step, lr_multiplier(frac, hp))
+        record.recompiles += compiled_graph_count() - graphs
+        return loss
 
-class PausableClock:
-    """Training time, excluding the pauses taken for validation."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.banked_ms, self.started = device, 0.0, None
-
-    def resume(self) -> None:
-        synchronize(self.device)
-        self.started = time.perf_counter()
-
-    def pause(self) -> None:
-        self.banked_ms = self.read_ms()
-        self.started = None
-
-    def read_ms(self) -> float:
-        synchronize(self.device)
-        return self.banked_ms + 1000.0 * (time.perf_counter() - self.started)
+    def log_step(self, record: TrainingRecord, loss: Tensor, stop: bool) -> None:
+        hp, step, elapsed = self.hp, record.steps, record.elapsed_ms
+        if hp.train_log_every > 0 and (step <= 5 or step % hp.train_log_every == 0 or stop):
+            tok_s = step * hp.train_batch_tokens / (elapsed / 1000.0)
+            self.log(f"{step}/{hp.iterations} train_loss: {loss.item():.4f} train_time: {elapsed / 60000:.1f}m tok/s: {tok_s:.0f}")
+        if stop:
+            self.log(f"stopping_early: wallclock_cap train_time: {elapsed:.0f}ms step: {step}/{hp.iterations}")
 
 
-def compiled_graph_count() -> int:
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+def report_training(record: TrainingRecord, hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """The end-of-training log lines and JSON fields: steps, time, loop counts, memory, recompiles."""
+    log(f"peak_memory: {peak_memory_mib(rt.device):.0f} MiB")
+    if rt.compile:
+        log(f"compile: {record.recompiles} graph(s) compiled inside the timed training steps")
+    log.update(steps=record.steps, train_time_ms=round(record.elapsed_ms), looping_enabled_step=record.looping_step,
+               steps_per_loop_count={n: record.draws.count(n) for n in sorted(set(record.draws))},
+               tokens_per_s=record.steps * hp.train_batch_tokens / max(record.elapsed_ms / 1000.0, 1e-9),
+               peak_memory_mib=round(peak_memory_mib(rt.device), 1),
+               graphs_compiled_in_timed_steps=record.recompiles if rt.compile else None)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1170,7 +1291,6 @@ SUBMISSION_LIMIT_BYTES = 16_000_000
 PASSTHROUGH_MAX_NUMEL = 65_536  # tensors this small (and every non-matrix) are stored as fp16
 ARTIFACT_MAGIC = b"PGQ1"
 ARTIFACT_PATH = "final_model.int6.ptz"
-COMPRESSORS = ("brotli", "lzma")
 # Knobs that change the model's tensors or its forward pass: an artifact only loads into a model
 # built with the same values. (Sequence lengths are not among them: the rotary tables are derived.)
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
@@ -1415,18 +1535,17 @@ def describe_quantization(quantized: dict[str, dict]) -> list[str]:
     return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
 
 
-def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
-    """Hessians -> GPTQ -> bytes -> file (rank 0); logs sizes and times, returns them."""
-    hp, rt, log = trainer.hp, trainer.rt, trainer.log
+def build_artifact(model: GPT, calibration: Iterator[Tensor], code_bytes: int, hp: Hyperparameters,
+                   rt: Runtime, log: RunLog) -> dict:
+    """Hessians over the calibration batches -> GPTQ -> bytes -> file (rank 0); logs sizes and times."""
     t0 = time.perf_counter()
-    trainer.model.set_loops(hp.num_loops)  # calibrate the graph that is evaluated
-    batches = (trainer.loader.next_batch(trainer.seqs_per_micro)[0] for _ in range(hp.gptq_calibration_batches))
-    hessians = collect_hessians(trainer.model, batches, rt) if hp.gptq_calibration_batches else {}
+    with model.looping(hp.num_loops):  # calibrate the graph that is evaluated
+        hessians = collect_hessians(model, calibration, rt) if hp.gptq_calibration_batches else {}
     synchronize(rt.device)
     hessian_s = time.perf_counter() - t0
     log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
     t1 = time.perf_counter()
-    quantized = quantize_state(trainer.model, hessians, hp)
+    quantized = quantize_state(model, hessians, hp)
     quant_s = time.perf_counter() - t1
     log(f"GPTQ:quantized in {quant_s:.1f}s; Hessians + GPTQ took {hessian_s + quant_s:.1f}s "
         f"of GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s")
@@ -1441,7 +1560,13 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
         Path(ARTIFACT_PATH).write_bytes(blob)
     if rt.distributed:
         dist.barrier()
-    model_bytes = Path(ARTIFACT_PATH).stat().st_size
+    sizes = report_sizes(Path(ARTIFACT_PATH).stat().st_size, code_bytes, hp, log)
+    return dict(**sizes, gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
+                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3))
+
+
+def report_sizes(model_bytes: int, code_bytes: int, hp: Hyperparameters, log: RunLog) -> dict:
+    """The three size lines of the records' logs, and whether the submission is over the limit."""
     total = model_bytes + code_bytes
     log(f"Serialized model quantized+{hp.compressor}: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
@@ -1451,51 +1576,12 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
         log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {SUBMISSION_LIMIT_BYTES} "
             f"(by {total - SUBMISSION_LIMIT_BYTES}); not a valid submission"
             + (" (ALLOW_OVER_BUDGET=1: exploratory run)" if hp.allow_over_budget else ""))
-    return dict(artifact_bytes=model_bytes, code_bytes=code_bytes, total_bytes=total, artifact_over_budget=over,
-                gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
-                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3))
+    return dict(artifact_bytes=model_bytes, code_bytes=code_bytes, total_bytes=total, artifact_over_budget=over)
 
 
 # -----------------------------------------------------------------------------------------------
-# Evaluation: mean NLL over the whole validation split, in nats/token and bits/byte.
+# Evaluation of the artifact: sliding windows, score-first test-time training, other loop counts.
 # -----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Validation:
-    tokens: np.ndarray
-    bytes: ByteCounts
-
-
-def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
-    """Each rank scores a contiguous share of the EVAL_SEQ_LEN sequences; sums are all-reduced."""
-    seq_len = hp.eval_seq_len
-    total_seqs = (len(val.tokens) - 1) // seq_len
-    first, end = total_seqs * rt.rank // rt.world_size, total_seqs * (rt.rank + 1) // rt.world_size
-    batch_seqs = max(1, hp.val_batch_tokens // (8 * seq_len))
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # nll, tokens, bytes
-    counts = val.bytes.to(rt.device)
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        for s in range(first, end, batch_seqs):
-            e = min(s + batch_seqs, end)
-            chunk = torch.from_numpy(val.tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
-            x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
-            with autocast(rt):
-                loss = net(x, y)
-            sums[0] += loss.double() * y.numel()
-            sums[1] += y.numel()
-            sums[2] += counts.count(x.flatten(), y.flatten()).sum()
-    net.train(was_training)
-    if rt.distributed:
-        dist.all_reduce(sums)
-    return nats_and_bpb(sums[0].item(), sums[1].item(), sums[2].item())
-
-
-def nats_and_bpb(nll_sum: float, tokens: float, num_bytes: float) -> tuple[float, float]:
-    loss = nll_sum / tokens
-    return loss, nll_sum / math.log(2.0) / num_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1568,7 +1654,7 @@ def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runti
     per_chunk = [[] for _ in range(num_chunks)]
     for w in windows:
         per_chunk[(w.start + w.first) // hp.ttt_chunk_tokens].append(w)
-    batch = max(1, hp.val_batch_tokens // (8 * seq_len))
+    batch = max(1, micro_batch_seqs(hp.val_batch_tokens, seq_len))
     counts = val.bytes.to(rt.device)
     logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if rt.compile else model.forward_logits
     train_fn = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile and epochs > 0 else model
@@ -1643,6 +1729,27 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, 
     return loss, bpb, ms
 
 
+def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyperparameters, rt: Runtime,
+                      log: RunLog) -> None:
+    """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT."""
+    model = load_artifact(path, hp, rt)
+    net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
+    loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
+    log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms,
+               quantization_gap_bpb=bpb - pre_quant_bpb)
+    for loops in hp.eval_loops:
+        with model.looping(loops):
+            loss, bpb, ms = timed_eval(f"quantized_loops{loops}", lambda: evaluate(net, val, hp, rt), log, rt)
+        log.metric(**{f"loops{loops}_val_loss": loss, f"loops{loops}_val_bpb": bpb, f"loops{loops}_eval_ms": ms})
+    if hp.sliding_window_enabled:
+        loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0), log, rt)
+        log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
+    if hp.ttt_enabled:
+        model = load_artifact(path, hp, rt)  # TTT changes the weights: start again from the file
+        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs), log, rt)
+        log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
+
+
 # -----------------------------------------------------------------------------------------------
 # main: configure, load data, train, evaluate, record.
 # -----------------------------------------------------------------------------------------------
@@ -1659,41 +1766,20 @@ def log_configuration(hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
 
 def log_model(model: GPT, log: RunLog) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model_params:{n_params} virtual_layers:{len(virtual_layers(model.hp, model.hp.num_loops))} {format_plan(model)}")
+    plan, loops = model.plan, model.hp.num_loops
+    log(f"model_params:{n_params} virtual_layers:{len(plan.virtual_layers(loops))} {plan.describe(loops)}")
     log.update(model_params=n_params)
 
 
 def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
     """Artifact, then the scores of the model loaded back from it. Returns whether the budget holds."""
     hp, rt, log = trainer.hp, trainer.rt, trainer.log
-    pre_loss, pre_bpb, pre_ms = timed_eval("pre-quantization post-ema", lambda: trainer.validate(val, hp.num_loops),
-                                           log, rt)
+    pre_loss, pre_bpb, pre_ms = timed_eval("pre-quantization post-ema", lambda: trainer.val_score(val), log, rt)
     log.metric(pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb, pre_quant_eval_ms=pre_ms)
-    artifact = build_artifact(trainer, code_bytes)
+    artifact = build_artifact(trainer.model, trainer.calibration_batches(hp.gptq_calibration_batches), code_bytes,
+                              hp, rt, log)
     log.update(**artifact)
-
-    def fresh_model() -> GPT:
-        model = load_artifact(Path(ARTIFACT_PATH), hp, rt)
-        model.set_loops(hp.num_loops)
-        return model
-
-    model = fresh_model()
-    net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
-    loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
-    log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms,
-               quantization_gap_bpb=bpb - pre_bpb)
-    for loops in hp.eval_loops:
-        model.set_loops(loops)
-        loss, bpb, ms = timed_eval(f"quantized_loops{loops}", lambda: evaluate(net, val, hp, rt), log, rt)
-        log.metric(**{f"loops{loops}_val_loss": loss, f"loops{loops}_val_bpb": bpb, f"loops{loops}_eval_ms": ms})
-    model.set_loops(hp.num_loops)
-    if hp.sliding_window_enabled:
-        loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0), log, rt)
-        log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
-    if hp.ttt_enabled:
-        model = fresh_model()
-        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs), log, rt)
-        log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
+    evaluate_artifact(Path(ARTIFACT_PATH), val, pre_bpb, hp, rt, log)
     return not artifact["artifact_over_budget"] or hp.allow_over_budget
 
 
