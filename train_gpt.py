@@ -56,7 +56,7 @@ class Hyperparameters:
     # run / data
     data_dir: str = knob("./data/", "root holding datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/")
     vocab_size: int = knob(8192, "tokenizer vocabulary size; selects the dataset variant")
-    caseops_enabled: bool = knob(False, "read the CaseOps variant (..._lossless_caps_caseops_v1_reserved); needs its byte sidecar")
+    caseops_enabled: bool = knob(False, "read the CaseOps dataset and tokenizer; bits per byte from its byte sidecar")
     seed: int = knob(1337, "seed for init and data order")
     run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (random if unset)")
     # shape
@@ -544,6 +544,8 @@ class ByteCounts:
     def count(self, prev_ids: Tensor, target_ids: Tensor, positions: Optional[Tensor] = None) -> Tensor:
         """Bytes of each target; `positions` (index of its input token) is needed when there is a sidecar."""
         if self.sidecar is not None:
+            if positions is None:
+                raise ValueError("ByteCounts.count: a byte sidecar is indexed by target position; pass positions")
             return self.sidecar[positions].to(torch.float64)
         space = self.leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids].to(torch.float64) + space.to(torch.float64)

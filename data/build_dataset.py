@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
     parser.add_argument("--val-docs", type=int, default=50, help="the first N documents are validation (default: 50)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default: 1e8)")
-    parser.add_argument("--threads", type=int, default=1, help="SentencePiece training threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="SentencePiece threads, for training and encoding (default: 1)")
     parser.add_argument("--caseops", action="store_true",
                         help="CaseOps variant: case operators, a tokenizer with them as symbols, val byte sidecars")
     parser.add_argument("--character-coverage", type=float, default=0.999,
