@@ -23,10 +23,6 @@ REPO = Path(__file__).resolve().parent
 SCRIPT = REPO / "train_gpt.py"
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: runs train_gpt.py or run.sh end to end in a subprocess")
-
-
 # --- models and configurations ------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import torch
 import train_gpt as tg
 from conftest import E2E, pseudo_language
 from data import build_dataset as bd
+from data import shard_format
 
 REPO = Path(__file__).resolve().parent
 DOWNLOADER = REPO / "data" / "cached_challenge_fineweb.py"
@@ -71,6 +72,11 @@ def test_builder_errors_name_the_input(tmp_path):
         bd.build(["a", "b", "c", "d", "e"], tmp_path, 300, 5, 100)
 
 
+def test_train_gpt_reads_the_shard_format_data_writes():
+    assert (tg.SHARD_MAGIC, tg.SHARD_VERSION, tg.SHARD_HEADER_BYTES) == \
+        (shard_format.SHARD_MAGIC, shard_format.SHARD_VERSION, shard_format.SHARD_HEADER_BYTES)
+
+
 def test_python_docs_are_real_text():
     docs = list(bd.python_doc_documents())
     assert len(docs) > 100 and sum(map(len, docs)) > 300_000
@@ -82,10 +88,14 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class FakeHub(http.server.ThreadingHTTPServer):
-    """Serves `files` (remote path -> bytes) of dataset repo `repo` at /datasets/<repo>/resolve/<rev>/<path>."""
+    """Serves `files` (remote path -> bytes) of dataset repo `repo` at /datasets/<repo>/resolve/<rev>/<path>.
+
+    A remote path in `break_files` behaves like a dying server: its first GET sends half the file and
+    closes the connection, and every later GET of it is closed without a response."""
 
     def __init__(self, repo: str, files: dict[str, bytes]):
         self.repo, self.files, self.gets = repo, files, []
+        self.break_files, self.broken = set(), set()
         super().__init__(("127.0.0.1", 0), HubHandler)
 
     @property
@@ -119,9 +129,18 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.resolve()
 
     def do_GET(self):
+        remote = self.path.split("?")[0].split("/resolve/main/", 1)[-1]
+        if remote in self.server.broken:
+            self.close_connection = True  # hang up before answering
+            return
         data = self.resolve()
         if data is not None:
             self.server.gets.append(self.path)
+            if remote in self.server.break_files:
+                self.server.broken.add(remote)
+                self.wfile.write(data[:len(data) // 2])
+                self.close_connection = True
+                return
             self.wfile.write(data)
 
 
@@ -131,18 +150,29 @@ def shard_bytes(tokens) -> bytes:
     return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
 
 
+CASEOPS = "sp64_lossless_caps_caseops_v1_reserved"
+
+
 @pytest.fixture
 def hub():
     manifest = {"datasets": [{"name": "fineweb10B_sp64", "tokenizer_name": "sp_bpe_64",
-                              "stats": {"files_train": 3, "files_val": 1}}],
+                              "stats": {"files_train": 3, "files_val": 1}},
+                             {"name": f"fineweb10B_{CASEOPS}", "tokenizer_name": "sp_bpe_64_caseops",
+                              "stats": {"files_train": 2, "files_val": 1}}],
                 "tokenizers": [{"name": "sp_bpe_64", "model_path": "tokenizers/fineweb_64_bpe.model",
-                                "vocab_path": "tokenizers/fineweb_64_bpe.vocab"}]}
+                                "vocab_path": "tokenizers/fineweb_64_bpe.vocab"},
+                               {"name": "sp_bpe_64_caseops",
+                                "model_path": "tokenizers/fineweb_64_bpe_lossless_caps_caseops_v1_reserved.model"}]}
     files = {"datasets/manifest.json": json.dumps(manifest).encode(),
              "datasets/tokenizers/fineweb_64_bpe.model": b"model-bytes",
              "datasets/tokenizers/fineweb_64_bpe.vocab": b"vocab-bytes",
-             "datasets/datasets/fineweb10B_sp64/fineweb_val_000000.bin": shard_bytes(range(50))}
+             "datasets/tokenizers/fineweb_64_bpe_lossless_caps_caseops_v1_reserved.model": b"caseops-model",
+             "datasets/datasets/fineweb10B_sp64/fineweb_val_000000.bin": shard_bytes(range(50)),
+             f"datasets/datasets/fineweb10B_{CASEOPS}/fineweb_val_000000.bin": shard_bytes(range(40)),
+             f"datasets/datasets/fineweb10B_{CASEOPS}/fineweb_val_bytes_000000.bin": shard_bytes([3] * 40)}
     for i in range(3):
         files[f"datasets/datasets/fineweb10B_sp64/fineweb_train_{i:06d}.bin"] = shard_bytes([i] * 100)
+        files[f"datasets/datasets/fineweb10B_{CASEOPS}/fineweb_train_{i:06d}.bin"] = shard_bytes([i] * 30000)
     server = FakeHub("someone/golf-data", files)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -187,6 +217,40 @@ def test_downloads_the_variant_into_the_train_gpt_layout(hub, tmp_path):
 def test_download_errors_are_clear(hub, tmp_path, args, message):
     result = download(hub.url, tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_downloads_the_caseops_variant_with_its_byte_sidecar(hub, tmp_path):
+    result = download(hub.url, tmp_path, "--variant", CASEOPS, "--train-shards", "1")
+    assert result.returncode == 0, result.stderr
+    data = tmp_path / "data"
+    hp = tg.Hyperparameters.from_env({"DATA_DIR": str(data), "VOCAB_SIZE": "64", "CASEOPS_ENABLED": "1"})
+    assert sorted(p.name for p in tg.dataset_dir(hp).iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    assert tg.tokenizer_path(hp).read_bytes() == b"caseops-model"
+    assert [p.name for p in tg.find_shards(hp, "val")] == ["fineweb_val_000000.bin"]
+    sidecar, files = tg.load_byte_sidecar(hp)
+    assert sidecar.tolist() == [3] * 40 and [f.name for f in files] == ["fineweb_val_bytes_000000.bin"]
+
+
+def test_a_dropped_connection_is_a_clear_error_and_the_rerun_resumes(hub, tmp_path):
+    name = f"datasets/datasets/fineweb10B_{CASEOPS}/fineweb_train_000001.bin"
+    hub.break_files.add(name)
+    first = download(hub.url, tmp_path, "--variant", CASEOPS, "--train-shards", "2")
+    assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr
+    error = first.stderr.strip().splitlines()[-1]
+    assert error.startswith("cached_challenge_fineweb.py: error: fineweb_train_000001.bin: the connection broke")
+    assert "Run the same command again to resume" in error
+    shards = tmp_path / "data" / "datasets" / f"fineweb10B_{CASEOPS}"
+    assert sorted(p.name for p in shards.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    hub.break_files.clear()
+    hub.broken.clear()
+    hub.gets.clear()
+    again = download(hub.url, tmp_path, "--variant", CASEOPS, "--train-shards", "2")
+    assert again.returncode == 0, again.stderr
+    assert [g.rsplit("/", 1)[1] for g in hub.gets if g.endswith(".bin")] == ["fineweb_train_000001.bin"]
+    for path in shards.iterdir():
+        assert path.read_bytes() == hub.files[f"datasets/datasets/fineweb10B_{CASEOPS}/{path.name}"]
 
 
 def test_network_failure_names_the_url(tmp_path):

@@ -62,6 +62,7 @@ class Hyperparameters:
     # run / data
     data_dir: str = knob("./data/", "root holding datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/")
     vocab_size: int = knob(8192, "tokenizer vocabulary size; selects the dataset variant")
+    caseops_enabled: bool = knob(False, "read the CaseOps dataset and tokenizer; bits per byte from its byte sidecar")
     seed: int = knob(1337, "seed for init and data order")
     run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (a random UUID if unset)")
     # shape
@@ -432,12 +433,19 @@ class DataError(ValueError):
     """A dataset or tokenizer file is missing or malformed; the message names it."""
 
 
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"  # the public CaseOps dataset's names (data/caseops.py)
+
+
+def variant_suffix(hp: Hyperparameters) -> str:
+    return CASEOPS_SUFFIX if hp.caseops_enabled else ""
+
+
 def dataset_dir(hp: Hyperparameters) -> Path:
-    return Path(hp.data_dir) / "datasets" / f"fineweb10B_sp{hp.vocab_size}"
+    return Path(hp.data_dir) / "datasets" / f"fineweb10B_sp{hp.vocab_size}{variant_suffix(hp)}"
 
 
 def tokenizer_path(hp: Hyperparameters) -> Path:
-    return Path(hp.data_dir) / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe.model"
+    return Path(hp.data_dir) / "tokenizers" / f"fineweb_{hp.vocab_size}_bpe{variant_suffix(hp)}.model"
 
 
 def find_shards(hp: Hyperparameters, split: str) -> list[Path]:
@@ -445,7 +453,7 @@ def find_shards(hp: Hyperparameters, split: str) -> list[Path]:
     if not directory.is_dir():
         raise DataError(f"dataset directory {directory} does not exist (DATA_DIR={hp.data_dir!r}, "
                         f"VOCAB_SIZE={hp.vocab_size}); download it with data/cached_challenge_fineweb.py")
-    files = sorted(Path(p) for p in glob.glob(str(directory / f"fineweb_{split}_*.bin")))
+    files = sorted(Path(p) for p in glob.glob(str(directory / f"fineweb_{split}_[0-9]*.bin")))  # not val_bytes_
     if not files:
         raise DataError(f"no {split} shards matching {directory}/fineweb_{split}_*.bin")
     return files
@@ -539,18 +547,25 @@ def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
 
 @dataclasses.dataclass
 class ByteCounts:
-    """Per-token UTF-8 byte counts of a SentencePiece vocabulary, for bits-per-byte."""
+    """Per-token UTF-8 byte counts of a SentencePiece vocabulary, for bits-per-byte, or the dataset's sidecar."""
 
     base_bytes: Tensor  # bytes of the piece without its leading "▁" (byte-fallback tokens: 1)
     leading_space: Tensor  # the piece starts with "▁", which decodes to one space byte...
     is_boundary: Tensor  # ...unless the previous token is a control/unknown token such as BOS
+    sidecar: Optional[Tensor] = None  # if set, sidecar[i] = original bytes of target tokens[i+1]; replaces the table
 
-    def count(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def count(self, prev_ids: Tensor, target_ids: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """Bytes of each target; `positions` (index of its input token) is needed when there is a sidecar."""
+        if self.sidecar is not None:
+            if positions is None:
+                raise ValueError("ByteCounts.count: a byte sidecar is indexed by target position; pass positions")
+            return self.sidecar[positions].to(torch.float64)
         space = self.leading_space[target_ids] & ~self.is_boundary[prev_ids]
         return self.base_bytes[target_ids].to(torch.float64) + space.to(torch.float64)
 
     def to(self, device: torch.device) -> "ByteCounts":
-        return ByteCounts(self.base_bytes.to(device), self.leading_space.to(device), self.is_boundary.to(device))
+        moved = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return ByteCounts(*(t if t is None else t.to(device) for t in moved))
 
 
 def load_tokenizer(hp: Hyperparameters) -> spm.SentencePieceProcessor:
@@ -578,6 +593,41 @@ def byte_counts(sp: spm.SentencePieceProcessor) -> ByteCounts:
             space[i] = piece.startswith("\u2581")
             base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return ByteCounts(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+def load_byte_sidecar(hp: Hyperparameters) -> tuple[Optional[np.ndarray], list[Path]]:
+    """The CaseOps byte sidecar: fineweb_val_bytes_N.bin beside each fineweb_val_N.bin, in the shard format,
+    holding each validation token's bytes in the original text. (None, []) when the dataset has none."""
+    directory = dataset_dir(hp)
+    sidecars = sorted(directory.glob("fineweb_val_bytes_*.bin"))
+    if not sidecars:
+        if hp.caseops_enabled:
+            raise DataError(f"no byte sidecar {directory}/fineweb_val_bytes_*.bin: CASEOPS_ENABLED=1 scores bytes of "
+                            f"the original text, which only the sidecar knows; download or build it again")
+        return None, []
+    shards = find_shards(hp, "val")
+    expected = [s.with_name(s.name.replace("fineweb_val_", "fineweb_val_bytes_")) for s in shards]
+    if sidecars != expected:
+        raise DataError(f"byte sidecars {[p.name for p in sidecars]} do not pair with the validation shards "
+                        f"{[p.name for p in shards]} (want one fineweb_val_bytes_N.bin per fineweb_val_N.bin)")
+    for shard, sidecar in zip(shards, sidecars):
+        if shard_token_count(sidecar) != shard_token_count(shard):
+            raise DataError(f"{sidecar}: holds {shard_token_count(sidecar)} byte counts but {shard.name} has "
+                            f"{shard_token_count(shard)} tokens")
+    return np.concatenate([np.asarray(open_shard(f)) for f in sidecars]), sidecars
+
+
+def load_validation(hp: Hyperparameters, sp: spm.SentencePieceProcessor, log) -> "Validation":
+    """Validation tokens and their byte counts: the sidecar when the dataset has one, else the tokenizer's table."""
+    tokens = load_validation_tokens(hp)
+    counts = byte_counts(sp)
+    sidecar, files = load_byte_sidecar(hp)
+    if sidecar is not None:
+        counts.sidecar = torch.from_numpy(sidecar[1:len(tokens)].astype(np.int32))
+    source = f"sidecar {','.join(str(f) for f in files)}" if files else "tokenizer table"
+    log(f"bytes: {source}")
+    log.update(bytes_source=source)
+    return Validation(tokens, counts)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1012,7 +1062,8 @@ def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime) 
                 loss = net(x, y)
             sums[0] += loss.double() * y.numel()
             sums[1] += y.numel()
-            sums[2] += counts.count(x.flatten(), y.flatten()).sum()
+            positions = torch.arange(s * seq_len, e * seq_len, device=rt.device)
+            sums[2] += counts.count(x.flatten(), y.flatten(), positions).sum()
     net.train(was_training)
     if rt.distributed:
         dist.all_reduce(sums)
@@ -1618,17 +1669,19 @@ def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: i
         x = np.zeros((batch, seq_len), dtype=np.int64)
         y = np.zeros((batch, seq_len), dtype=np.int64)
         mask = np.zeros((batch, seq_len), dtype=bool)
+        positions = np.zeros((batch, seq_len), dtype=np.int64)
         for r, w in enumerate(group):
             x[r, :w.length] = tokens[w.start:w.start + w.length]
             y[r, :w.length] = tokens[w.start + 1:w.start + w.length + 1]
             mask[r, w.first:w.length] = True
-        x, y, mask = (torch.from_numpy(a).to(rt.device) for a in (x, y, mask))
+            positions[r, :w.length] = np.arange(w.start, w.start + w.length)
+        x, y, mask, positions = (torch.from_numpy(a).to(rt.device) for a in (x, y, mask, positions))
         with torch.no_grad(), autocast(rt):
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         sums[0] += nll[mask].double().sum()
         sums[1] += mask.sum()
-        sums[2] += counts.count(x[mask], y[mask]).sum()
+        sums[2] += counts.count(x[mask], y[mask], positions[mask]).sum()
     return sums
 
 
@@ -1789,7 +1842,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> bool:
     log_configuration(hp, rt, log)
     try:
         sp = load_tokenizer(hp)
-        val = Validation(load_validation_tokens(hp), byte_counts(sp))
+        val = load_validation(hp, sp, log)
         trainer = Trainer(hp, rt, log)
         log_model(trainer.model, log)
         log(f"train_shards: {len(trainer.train_files)} val_tokens: {len(val.tokens) - 1}")
