@@ -264,6 +264,29 @@ def test_muon_update_is_orthogonal_and_scaled():
     assert s.max() < 1.3 and s.min() > 0.5  # quintic NS drives singular values into ~[0.7, 1.2]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_muon_update_is_rounded_alike_on_every_device(dtype):
+    hp = hparams(MUON_UPDATE_DTYPE=dtype)
+    cpu, cuda = tg.muon_precision(hp, torch.device("cpu")), tg.muon_precision(hp, torch.device("cuda"))
+    want = torch.bfloat16 if dtype == "bf16" else torch.float32
+    assert cpu.update == cuda.update == want
+    assert cpu.iterate == cpu.exchange == torch.float32 and cuda.iterate == cuda.exchange == want
+    model = small_model(MUON_UPDATE_DTYPE=dtype)
+    muon = tg.build_optimizers(model, model.hp, FakeRuntime())[0]
+    group = muon.param_groups[0]
+    group.update(momentum=0.0, weight_decay=0.0, lr=0.5)  # no momentum: the update depends on the gradient only
+    for q in group["params"]:
+        q.grad = torch.randn_like(q)
+    p = group["params"][0]
+    update = muon.own_update(p, 0.0)
+    assert update.dtype == want and update.shape == p.shape
+    before = p.detach().clone()
+    muon.step()  # applies exactly -lr times the rounded update
+    assert torch.allclose(before - p.detach(), 0.5 * update.float(), rtol=0, atol=1e-6)
+    if dtype == "bf16":
+        assert not torch.equal(update.float(), tg.newton_schulz(p.grad / p.grad.norm(dim=-1, keepdim=True), 5))
+
+
 def test_training_step_changes_every_parameter_group():
     model = small_model()
     randomize(model)

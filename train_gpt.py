@@ -121,6 +121,9 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear Muon momentum warm-up")
     muon_backend_steps: int = knob(5, "Newton–Schulz iterations")
     muon_row_normalize: bool = knob(True, "normalize gradient rows before orthogonalizing")
+    muon_update_dtype: str = knob("bf16", "precision of Muon's orthogonalized update when it is applied, bf16 (as the "
+                                          "records on CUDA) or fp32, on every device; Newton–Schulz itself runs in "
+                                          "bf16 on CUDA and fp32 on CPU")
     muon_wd: float = knob(0.095, "decoupled weight decay of Muon matrices")
     embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
     adam_wd: float = knob(0.02, "AdamW weight decay of scalar/control tensors")
@@ -253,6 +256,7 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
     need(not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
          "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
+    need(hp.muon_update_dtype in ("bf16", "fp32"), "MUON_UPDATE_DTYPE", "must be bf16 or fp32")
     need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
     need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
     need(hp.embedding_dim in (None, hp.model_dim), "EMBEDDING_DIM",
@@ -970,16 +974,35 @@ def newton_schulz(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
     return x.mT if tall else x
 
 
+@dataclasses.dataclass(frozen=True)
+class MuonPrecision:
+    """Dtypes of Muon's update: Newton–Schulz runs in `iterate`, the update is rounded to `update` before
+    it is applied, and ranks exchange it in `exchange`. The rounding is what training sees, so it is the
+    same on every device (a CPU run then predicts a GPU run's quantization gap); the other two are speed."""
+
+    iterate: torch.dtype = torch.float32
+    update: torch.dtype = torch.float32
+    exchange: torch.dtype = torch.float32
+
+
+def muon_precision(hp: Hyperparameters, device: torch.device) -> MuonPrecision:
+    update = torch.bfloat16 if hp.muon_update_dtype == "bf16" else torch.float32
+    if device.type == "cuda":
+        return MuonPrecision(iterate=update, update=update, exchange=update)
+    # bf16 matmuls are slow on CPU, and gloo reduces fp32 everywhere: only the rounding is bf16 here.
+    return MuonPrecision(iterate=torch.float32, update=update, exchange=torch.float32)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then an orthogonalized update; ranks split the matrices and share results."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  row_normalize: bool, rank: int, world_size: int, orthogonalize=newton_schulz,
-                 update_dtype: torch.dtype = torch.float32):
+                 precision: MuonPrecision = MuonPrecision()):
         super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize = backend_steps, row_normalize
         self.rank, self.world_size = rank, world_size
-        self.orthogonalize, self.update_dtype = orthogonalize, update_dtype
+        self.orthogonalize, self.precision = orthogonalize, precision
 
     def own_update(self, p: Tensor, momentum: float) -> Tensor:
         buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
@@ -987,14 +1010,14 @@ class Muon(torch.optim.Optimizer):
         g = p.grad.add(buf, alpha=momentum)
         if self.row_normalize:
             g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-        u = self.orthogonalize(g.to(self.update_dtype), self.backend_steps)
-        return u * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        u = self.orthogonalize(g.to(self.precision.iterate), self.backend_steps)
+        return (u * max(1.0, p.size(0) / p.size(1)) ** 0.5).to(self.precision.update)
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.update_dtype, device=params[0].device)
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.precision.exchange, device=params[0].device)
             offset = 0
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank:
@@ -1017,10 +1040,9 @@ def adamw(params, lr: float, weight_decay: float, hp: Hyperparameters, device: t
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     groups = {k: [p for _, p in v] for k, v in param_groups(model).items()}
     orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
-    update_dtype = torch.bfloat16 if rt.device.type == "cuda" else torch.float32
     optimizers = [
         Muon(groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
-             hp.muon_row_normalize, rt.rank, rt.world_size, orthogonalize, update_dtype),
+             hp.muon_row_normalize, rt.rank, rt.world_size, orthogonalize, muon_precision(hp, rt.device)),
         adamw(groups["embed"], hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd, hp, rt.device),
         adamw(groups["scalar"], hp.scalar_lr, hp.adam_wd, hp, rt.device),
     ]
