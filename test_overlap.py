@@ -223,9 +223,10 @@ def test_the_tool_reports_and_sets_its_exit_status(tiny_data, tmp_path, capsys):
     assert check_overlap.main([str(tiny_data["root"]), "512", "--recompute"]) == 0
     assert "train/val overlap 0 of 100 val documents" in capsys.readouterr().out
     root = overlapping_dataset(tiny_data, tmp_path)
-    assert check_overlap.main([str(root), "512", "--chunk-tokens", "5"]) == 1
+    assert check_overlap.main([str(root), "512", "--chunk-tokens", "5", "--trace-memory"]) == 1
     out = capsys.readouterr().out
     assert "overlap 5 of 100 val documents (computed in" in out and out.count("data_check: val ") == 5
+    assert "peak array memory" in out
     assert (root / "datasets" / "fineweb10B_sp512" / tg.OVERLAP_CACHE_NAME).is_file()
     assert check_overlap.main([str(tmp_path / "nowhere"), "512"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -201,6 +201,7 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     checks = sub["compliance"]
     assert checks["three_seeds"] and checks["train_under_600s"] and checks["artifact_under_16mb"]
     assert checks["hardware_8xh100"] is False and checks["score_first_ttt"] is None
+    assert checks["no_train_val_overlap"] is True
     assert sub["significance"]["significant"] and sub["significance"]["df"] == 2
     readme = (folder / "README.md").read_text()
     assert "ITERATIONS=12" in readme and "SEED=<seed> torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
