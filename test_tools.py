@@ -220,6 +220,22 @@ def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
     assert not (tmp_path / "track_10min_16mb").exists()
 
 
+def test_package_refuses_a_record_whose_data_overlapped(sweep, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    shutil.copytree(sweep / "logs", logs)
+    edited = result(sweep, "a_s2")
+    edited["data_check"]["overlap_docs"] = 3
+    (logs / "a_s2.json").write_text(json.dumps(edited))
+    args = [str(logs / f"a_s{s}.json") for s in (1, 2, 3)] + package_args(sweep, tmp_path)[3:]
+    assert package_record.main(args + ["--track", "10min_16mb", "--record-bpb", "9.0"]) == 2
+    assert "compliance fails ['no_train_val_overlap', 'hardware_8xh100']" in capsys.readouterr().err
+    del edited["data_check"]
+    (logs / "a_s2.json").write_text(json.dumps(edited))
+    assert package_record.main(args + ["--track", "10min_16mb", "--record-bpb", "9.0"]) == 2
+    assert "'no_train_val_overlap (not recorded by every run)'" in capsys.readouterr().err
+    assert not (tmp_path / "track_10min_16mb").exists()
+
+
 @pytest.mark.parametrize("runs, message", [
     (["a_s1", "b_s1"], "differ in knobs other than SEED/RUN_ID: QK_GAIN_INIT: a_s1=5.25, b_s1=3.0"),
     (["a_s1", "broken"], "runs that did not finish: broken: failed (DataError"),
