@@ -113,3 +113,4 @@ def tiny_data(tmp_path_factory) -> dict:
     sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizers" / f"fineweb_{VOCAB}_bpe.model"))
     val = np.fromfile(shards / "fineweb_val_000000.bin", dtype="<u2", offset=1024).astype(np.int64)
     return {"root": root, "shards": shards, "sp": sp, "val_docs": val_docs, "val_tokens": val, "vocab": VOCAB}
+

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from conftest import pseudo_language
+from conftest import E2E, pseudo_language
 from data import build_dataset as bd
 from data import caseops as co
 
@@ -227,7 +227,6 @@ def test_sidecar_problems_are_data_errors(caseops_data, tmp_path):
 
 @pytest.mark.slow
 def test_train_gpt_runs_on_a_built_caseops_dataset(caseops_data, tmp_path):
-    from test_architecture import E2E
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({k: str(v) for k, v in E2E.items()})
     env.update(DATA_DIR=str(caseops_data["root"]), VOCAB_SIZE=str(VOCAB), CASEOPS_ENABLED="1", RUN_ID="caseops",

@@ -210,6 +210,7 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     checks = sub["compliance"]
     assert checks["three_seeds"] and checks["train_under_600s"] and checks["artifact_under_16mb"]
     assert checks["hardware_8xh100"] is False and checks["score_first_ttt"] is None
+    assert checks["no_train_val_overlap"] is True
     assert sub["significance"]["significant"] and sub["significance"]["df"] == 2
     readme = (folder / "README.md").read_text()
     assert "ITERATIONS=12" in readme and "SEED=<seed> torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
@@ -226,6 +227,22 @@ def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
     assert package_record.main(package_args(sweep, tmp_path, "--name", "Rec", "--track", "10min_16mb",
                                             "--record-bpb", str(mean + 0.5))) == 2
     assert "refusing track_10min_16mb: compliance fails ['hardware_8xh100']" in capsys.readouterr().err
+    assert not (tmp_path / "track_10min_16mb").exists()
+
+
+def test_package_refuses_a_record_whose_data_overlapped(sweep, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    shutil.copytree(sweep / "logs", logs)
+    edited = result(sweep, "a_s2")
+    edited["data_check"]["overlap_docs"] = 3
+    (logs / "a_s2.json").write_text(json.dumps(edited))
+    args = [str(logs / f"a_s{s}.json") for s in (1, 2, 3)] + package_args(sweep, tmp_path)[3:]
+    assert package_record.main(args + ["--track", "10min_16mb", "--record-bpb", "9.0"]) == 2
+    assert "compliance fails ['no_train_val_overlap', 'hardware_8xh100']" in capsys.readouterr().err
+    del edited["data_check"]
+    (logs / "a_s2.json").write_text(json.dumps(edited))
+    assert package_record.main(args + ["--track", "10min_16mb", "--record-bpb", "9.0"]) == 2
+    assert "'no_train_val_overlap (not recorded by every run)'" in capsys.readouterr().err
     assert not (tmp_path / "track_10min_16mb").exists()
 
 

@@ -11,6 +11,7 @@ optimizers -> scoring -> training loop -> quantization & artifact -> evaluation 
 import contextlib
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -63,6 +64,8 @@ class Hyperparameters:
     data_dir: str = knob("./data/", "root holding datasets/fineweb10B_sp{VOCAB_SIZE}/ and tokenizers/")
     vocab_size: int = knob(8192, "tokenizer vocabulary size; selects the dataset variant")
     caseops_enabled: bool = knob(False, "read the CaseOps dataset and tokenizer; bits per byte from its byte sidecar")
+    max_train_val_overlap: float = knob(0.0, "largest fraction of val documents that may also be training documents "
+                                        "(else the run stops; 1 = exploratory run on any data)")
     seed: int = knob(1337, "seed for init and data order")
     run_id: str = knob("", "name of logs/{RUN_ID}.txt and .json (a random UUID if unset)")
     # shape
@@ -224,6 +227,7 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
         need(hp.loop_start <= hp.loop_end, "LOOP_END", f"must be >= LOOP_START={hp.loop_start}")
         need(hp.loop_end < hp.num_layers, "LOOP_END", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
     need(0.0 <= hp.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
+    need(0.0 <= hp.max_train_val_overlap <= 1.0, "MAX_TRAIN_VAL_OVERLAP", "must be a fraction in [0, 1]")
     if hp.enable_looping_at_step is not None:
         need(hp.enable_looping_at_step >= 0, "ENABLE_LOOPING_AT_STEP", "must be >= 0")
     need(0.0 < hp.birkhoff_init < 1.0, "BIRKHOFF_INIT", "must lie strictly between 0 and 1")
@@ -621,7 +625,15 @@ def load_byte_sidecar(hp: Hyperparameters) -> tuple[Optional[np.ndarray], list[P
     return np.concatenate([np.asarray(open_shard(f)) for f in sidecars]), sidecars
 
 
-def load_validation(hp: Hyperparameters, sp: spm.SentencePieceProcessor, log) -> "Validation":
+@dataclasses.dataclass
+class Validation:
+    """The validation split and the byte counts that turn its nats into bits per byte."""
+
+    tokens: np.ndarray
+    bytes: ByteCounts
+
+
+def load_validation(hp: Hyperparameters, sp: spm.SentencePieceProcessor, log) -> Validation:
     """Validation tokens and their byte counts: the sidecar when the dataset has one, else the tokenizer's table."""
     tokens = load_validation_tokens(hp)
     counts = byte_counts(sp)
@@ -632,6 +644,270 @@ def load_validation(hp: Hyperparameters, sp: spm.SentencePieceProcessor, log) ->
     log(f"bytes: {source}")
     log.update(bytes_source=source)
     return Validation(tokens, counts)
+
+
+# -----------------------------------------------------------------------------------------------
+# Data check: no validation document may also be a training document. The public record #2127's
+# data script put 80% of the validation documents into training, and two submissions were
+# disqualified for it. Every BOS-delimited document gets a 64-bit key; the val keys are held in
+# memory, the train shards stream past them in bounded pieces, and every key match is confirmed
+# token by token. The verdict is cached beside the shards, so each dataset is checked once.
+# -----------------------------------------------------------------------------------------------
+
+BOS_ID = 1
+OVERLAP_CHECK_VERSION = 1  # bump when the check's definition changes: cached verdicts then expire
+OVERLAP_CACHE_NAME = "train_val_overlap.json"
+OVERLAP_CHUNK_TOKENS = 1 << 18  # fastest measured (fits in cache); about 10 MiB of arrays
+MAX_DOCUMENT_TOKENS = 1 << 26  # longer "documents" mean missing BOS tokens, not text
+OVERLAP_EXAMPLES = 5
+HASH_MODULUS = 1 << 64
+HASH_BASE = 0x9E3779B97F4A7C15  # odd, hence a unit modulo 2^64
+LENGTH_SALT = 0xC2B2AE3D27D4EB4F
+
+# What the verdict relies on (keys are sums modulo 2^64; numpy's uint64 arithmetic wraps, i.e. is exact
+# in Z/2^64):
+# - No copy is missed. A document t_0..t_{n-1} lying at s..s+n-1 of a piece gets
+#   (P[s+n] - P[s]) * B^-s = sum_j t_j B^j + n * SALT (mod 2^64), where P are the prefix sums of t_i B^i:
+#   B is odd, so B^-s exists and the key does not depend on where the document lies. A verbatim copy
+#   therefore always has the val document's key and is always a candidate.
+# - Nothing else is counted. A candidate counts only once its tokens equal the val document's. Hash quality
+#   only sets how many candidates need that comparison: a polynomial hash modulo 2^64 can be made to collide
+#   on purpose (Thue-Morse sequences), which is why it is not trusted alone; on natural text keys behave
+#   as random, about train_docs * val_docs / 2^64 ~ 2e-8 spurious candidates on the challenge's data.
+
+
+@functools.lru_cache(maxsize=2)
+def hash_powers(capacity: int) -> np.ndarray:
+    """B^j modulo 2^64 for j < capacity, by doubling the table in place."""
+    table = np.ones(capacity, dtype=np.uint64)
+    filled = 1
+    while filled < capacity:
+        step = min(filled, capacity - filled)
+        np.multiply(table[:step], np.uint64(pow(HASH_BASE, filled, HASH_MODULUS)), out=table[filled:filled + step])
+        filled += step
+    return table
+
+
+def inverse_hash_powers(exponents: np.ndarray) -> np.ndarray:
+    """B^-e modulo 2^64 for each e, by square-and-multiply over the exponents' bits."""
+    result = np.ones(len(exponents), dtype=np.uint64)
+    square = pow(HASH_BASE, -1, HASH_MODULUS)
+    for bit in range(int(exponents.max(initial=0)).bit_length()):
+        odd = (exponents >> bit) & 1 == 1
+        result[odd] *= np.uint64(square)
+        square = square * square % HASH_MODULUS
+    return result
+
+
+def document_keys(tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The key of each document tokens[starts[i]:starts[i+1]] (the last one runs to the end of tokens)."""
+    n = len(tokens)
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    np.multiply(tokens, hash_powers(1 << max(n - 1, 1).bit_length())[:n], out=prefix[1:])
+    np.cumsum(prefix, out=prefix)
+    ends = np.append(starts[1:], n)
+    lengths = (ends - starts).astype(np.uint64)
+    return (prefix[ends] - prefix[starts]) * inverse_hash_powers(starts) + lengths * np.uint64(LENGTH_SALT)
+
+
+@dataclasses.dataclass
+class Piece:
+    tokens: np.ndarray  # whole documents; the stream's leading tokens before its first BOS count as one
+    starts: np.ndarray  # where each document starts in tokens
+    offset: int  # where tokens[0] lies in the split's token stream (its shards concatenated)
+
+
+def document_starts(tokens: np.ndarray) -> np.ndarray:
+    starts = np.flatnonzero(tokens == BOS_ID)
+    return starts if len(starts) and starts[0] == 0 else np.concatenate(([0], starts)).astype(starts.dtype)
+
+
+def single_document(tokens: np.ndarray, offset: int) -> Piece:
+    return Piece(tokens, np.zeros(1, dtype=np.int64), offset)
+
+
+def document_pieces(files: list[Path], chunk_tokens: int, halves: bool = False) -> Iterator[Piece]:
+    """A split's shards as one token stream, cut into pieces of whole documents.
+
+    Each chunk is cut just before its last BOS and the rest carried into the next piece, so a document
+    straddling a chunk edge or a shard boundary is hashed whole. With `halves`, a document cut by a shard
+    boundary (the next shard starts without BOS) is also yielded as its two halves, each a document: the
+    shard's leading partial, and what ends the previous shard (where a copy appended to a shard lies).
+    Memory: a chunk plus the longest document.
+    """
+    carry, offset = np.empty(0, dtype=np.uint16), 0
+    for path in files:
+        shard = open_shard(path)
+        joined = len(carry) if halves and len(carry) and len(shard) and shard[0] != BOS_ID else 0
+        if joined:
+            yield single_document(carry, offset)
+        for lo in range(0, len(shard), chunk_tokens):
+            tokens = np.concatenate((carry, shard[lo:lo + chunk_tokens]))
+            starts = document_starts(tokens)
+            if len(starts) == 1:  # no document ends in this chunk
+                if len(tokens) > MAX_DOCUMENT_TOKENS:
+                    raise DataError(f"{path}: over {MAX_DOCUMENT_TOKENS} tokens without a BOS (id {BOS_ID}); "
+                                    "every document must start with BOS")
+                carry = tokens
+                continue
+            if joined:
+                yield single_document(tokens[joined:starts[1]], offset + joined)
+                joined = 0
+            cut = int(starts[-1])
+            yield Piece(tokens[:cut], starts[:-1], offset)
+            carry, offset = tokens[cut:], offset + cut
+    if joined:
+        yield single_document(carry[joined:], offset + joined)
+    if len(carry):
+        yield Piece(carry, document_starts(carry), offset)
+
+
+class TokenStream:
+    """A split's shards read as one token stream; a position names a shard and an offset in it."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.shards = [open_shard(f) for f in files]
+        self.bounds = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def locate(self, position: int) -> str:
+        i = int(np.searchsorted(self.bounds, position, side="right")) - 1
+        return f"{self.files[i].name}:{position - int(self.bounds[i])}"
+
+    def read(self, position: int, length: int) -> np.ndarray:
+        parts = [shard[max(position - lo, 0):max(position + length - lo, 0)]
+                 for shard, lo in zip(self.shards, self.bounds.tolist())]
+        return np.concatenate(parts)
+
+
+@dataclasses.dataclass
+class ValDocuments:
+    """Every val document's key, stream position and length, sorted by key."""
+    keys: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def index(cls, files: list[Path], chunk_tokens: int) -> "ValDocuments":
+        keys, starts, lengths = [], [], []
+        for piece in document_pieces(files, chunk_tokens):
+            keys.append(document_keys(piece.tokens, piece.starts))
+            starts.append(piece.starts + piece.offset)
+            lengths.append(np.diff(np.append(piece.starts, len(piece.tokens))))
+        if not keys:
+            raise DataError(f"validation shard(s) {[str(f) for f in files]} hold no tokens")
+        keys, starts, lengths = np.concatenate(keys), np.concatenate(starts), np.concatenate(lengths)
+        order = np.argsort(keys, kind="stable")
+        return cls(keys[order], starts[order], lengths[order])
+
+    def copies_of(self, document: np.ndarray, key: int, stream: TokenStream, found: np.ndarray) -> list[int]:
+        """Val documents not found before whose tokens equal `document` (all share its key)."""
+        lo, hi = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        return [j for j in range(lo, hi) if not found[j] and self.lengths[j] == len(document)
+                and np.array_equal(stream.read(int(self.starts[j]), len(document)), document)]
+
+
+def train_val_overlap(train_files: list[Path], val_files: list[Path], chunk_tokens: int = OVERLAP_CHUNK_TOKENS) -> dict:
+    """Which validation documents also appear, verbatim, as documents of the training shards."""
+    t0 = time.perf_counter()
+    val_stream, train_stream = TokenStream(val_files), TokenStream(train_files)
+    val = ValDocuments.index(val_files, chunk_tokens)
+    found = np.zeros(len(val.keys), dtype=bool)
+    examples, train_docs = [], 0
+    for piece in document_pieces(train_files, chunk_tokens, halves=True):
+        keys = document_keys(piece.tokens, piece.starts)
+        train_docs += len(keys)
+        nearest = np.minimum(np.searchsorted(val.keys, keys), len(val.keys) - 1)
+        for d in np.flatnonzero(val.keys[nearest] == keys).tolist():
+            start, end = int(piece.starts[d]), int(piece.starts[d + 1]) if d + 1 < len(keys) else len(piece.tokens)
+            for j in val.copies_of(piece.tokens[start:end], keys[d], val_stream, found):
+                found[j] = True
+                if len(examples) < OVERLAP_EXAMPLES:
+                    examples.append({"val": val_stream.locate(int(val.starts[j])),
+                                     "train": train_stream.locate(piece.offset + start), "tokens": end - start})
+    seconds = time.perf_counter() - t0
+    tokens = int(train_stream.bounds[-1] + val_stream.bounds[-1])
+    return {"overlap_docs": int(found.sum()), "val_docs": len(val.keys), "overlap_fraction": float(found.mean()),
+            "train_docs": train_docs, "train_tokens": int(train_stream.bounds[-1]),
+            "val_tokens": int(val_stream.bounds[-1]), "examples": examples, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9))}
+
+
+def shard_fingerprint(files: list[Path]) -> list[dict]:
+    return [{"name": f.name, "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+
+
+def read_overlap_cache(path: Path) -> Optional[dict]:
+    """The cached verdict, or None if there is none or it is unreadable (then it is computed again)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_overlap_cache(path: Path, content: dict) -> Optional[str]:
+    """Store the verdict; on failure say why (a read-only dataset directory is normal)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(content, indent=1), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def overlap_verdict(hp: Hyperparameters, chunk_tokens: int = OVERLAP_CHUNK_TOKENS) -> dict:
+    """The dataset's train/val overlap, read from the cache beside the shards when it was computed over
+    these very shards (names, sizes, mtimes) by this version of the check, else computed and cached."""
+    train, val = find_shards(hp, "train"), find_shards(hp, "val")
+    inputs = {"check_version": OVERLAP_CHECK_VERSION, "train_shards": shard_fingerprint(train),
+              "val_shards": shard_fingerprint(val)}
+    path = train[0].parent / OVERLAP_CACHE_NAME
+    cached = read_overlap_cache(path)
+    if isinstance(cached, dict) and cached.get("inputs") == inputs and isinstance(cached.get("result"), dict):
+        return dict(cached["result"], cached=True, cache=str(path), not_cached=None)
+    result = train_val_overlap(train, val, chunk_tokens)
+    why_not = write_overlap_cache(path, {"inputs": inputs, "result": result})
+    return dict(result, cached=False, cache=str(path), not_cached=why_not)
+
+
+def describe_overlap(verdict: dict) -> list[str]:
+    how = "cached"
+    if not verdict["cached"]:
+        how = f"computed in {verdict['seconds']:.1f}s, {verdict['tokens_per_s'] / 1e6:.1f}M tokens/s"
+        how += f"; not cached: {verdict['not_cached']}" if verdict["not_cached"] else "; cached"
+    lines = [f"data_check: train/val overlap {verdict['overlap_docs']} of {verdict['val_docs']} val documents ({how})"]
+    lines += [f"data_check: val {e['val']} = train {e['train']} ({e['tokens']} tokens)" for e in verdict["examples"]]
+    return lines
+
+
+def check_train_val_overlap(hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """Rank 0 finds (or reads) the verdict and every rank receives it, so all stop alike if it fails."""
+    verdict = None
+    if rt.is_main:
+        try:
+            verdict = overlap_verdict(hp)
+        except DataError as exc:
+            verdict = {"error": str(exc)}
+    if rt.distributed:
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    if "error" in verdict:
+        raise DataError(verdict["error"])
+    for line in describe_overlap(verdict):
+        log(line)
+    log.update(data_check=verdict)
+    if verdict["overlap_fraction"] > hp.max_train_val_overlap:
+        raise DataError(
+            f"{verdict['overlap_docs']} of {verdict['val_docs']} validation documents "
+            f"({verdict['overlap_fraction']:.2%}) also appear verbatim in the training shards beside "
+            f"{verdict['cache']}; a model trained on them is scored on text it has seen (the public record #2127's "
+            "data script put 80% of the val documents into training, and two submissions were disqualified). "
+            "Rebuild the training shards without the val documents, or for an exploratory run allow it with "
+            f"MAX_TRAIN_VAL_OVERLAP=1 (now {hp.max_train_val_overlap})")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1055,14 +1331,6 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 # Scoring: mean NLL over the whole validation split, in nats/token and bits/byte. Training uses it
 # for its validation curve; the evaluations of the artifact at the end build on it.
 # -----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Validation:
-    """The validation split and the byte counts that turn its nats into bits per byte."""
-
-    tokens: np.ndarray
-    bytes: ByteCounts
 
 
 def evaluate(net: nn.Module, val: Validation, hp: Hyperparameters, rt: Runtime) -> tuple[float, float]:
@@ -1865,6 +2133,7 @@ def run(hp: Hyperparameters, rt: Runtime) -> bool:
     try:
         sp = load_tokenizer(hp)
         val = load_validation(hp, sp, log)
+        check_train_val_overlap(hp, rt, log)
         trainer = Trainer(hp, rt, log)
         log_model(trainer.model, log)
         log(f"train_shards: {len(trainer.train_files)} val_tokens: {len(val.tokens) - 1}")

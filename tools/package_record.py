@@ -38,6 +38,8 @@ LIMIT_BYTES = 16_000_000
 MIN_IMPROVEMENT_NATS = 0.005
 SIGNIFICANCE_LEVEL = 0.01
 EVAL_PHASES = ("post_quant_eval_ms", "sliding_eval_ms", "ttt_eval_ms")
+# Checks the record track needs passed outright: a run that did not record one is refused as if it failed.
+REQUIRED_CHECKS = ("no_train_val_overlap",)
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -76,12 +78,25 @@ def train_seconds(run: Run) -> float:
     return run.result.get("train_time_ms", 0) / 1000 + (run.result.get("gptq_total_s") or 0)
 
 
+def no_train_val_overlap(runs: list[Run]) -> Optional[bool]:
+    """Whether every run's data check found no val document among the training documents (None: not recorded)."""
+    counts = [(r.result.get("data_check") or {}).get("overlap_docs") for r in runs]
+    return None if None in counts else all(c == 0 for c in counts)
+
+
+def failed_checks(checks: dict) -> list[str]:
+    """The compliance checks that refuse the record track."""
+    return [k if v is False else f"{k} (not recorded by every run)" for k, v in checks.items()
+            if v is False or (v is None and k in REQUIRED_CHECKS)]
+
+
 def compliance(runs: list[Run]) -> dict:
     ttt = all("ttt_val_bpb" in r.result["metrics"] for r in runs)
     return {
         "train_under_600s": all(train_seconds(r) <= LIMIT_SECONDS for r in runs),
         "artifact_under_16mb": all((r.result.get("total_bytes") or math.inf) <= LIMIT_BYTES for r in runs),
         "eval_under_600s": all(eval_seconds(r) <= LIMIT_SECONDS for r in runs),
+        "no_train_val_overlap": no_train_val_overlap(runs),
         # This script's TTT scores every chunk before it trains on it; null when TTT did not run.
         "score_first_ttt": True if ttt else None,
         "three_seeds": len(runs) >= 3,
@@ -272,7 +287,7 @@ def package(args) -> Path:
     sig_line = verdict(sig) if sig else "not tested (no --record-bpb)"
     print(f"significance {sig_line}")
     if args.track == "10min_16mb":
-        failed = [k for k, v in checks.items() if v is False]
+        failed = failed_checks(checks)
         if failed or not (sig and sig["significant"]):
             raise RunLogError("refusing track_10min_16mb: " + (f"compliance fails {failed}" if failed else
                               "no significant improvement over --record-bpb") + "; use --track non_record_16mb")
