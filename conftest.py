@@ -15,6 +15,10 @@ from data import build_dataset as bd
 VOCAB = 512
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: runs the script end to end in a subprocess (deselect with -m 'not slow')")
+
+
 def pseudo_language(num_docs: int, seed: int) -> list[str]:
     """Documents with learnable structure: Zipf-distributed words, bigram habits, digits, non-ASCII."""
     rng = random.Random(seed)
