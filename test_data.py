@@ -297,7 +297,7 @@ def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     packed = tmp_path / "packed" / "train_gpt.py"
-    assert packed.read_text().startswith("import lzma,base64\n")
+    assert packed.read_text() == tg.counted_code((REPO / "train_gpt.py").read_text()).text
     log = (tmp_path / "logs" / "gpu_branch.txt").read_text()
     assert "world_size:1" in log and f"Code size: {packed.stat().st_size} bytes" in log
     assert re.search(r"^quantized val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", log, re.M)

@@ -5,8 +5,11 @@ to make the logs the tools read.
 """
 
 import csv
+import dataclasses
+import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -148,14 +151,82 @@ def test_categorical_knob_values_put_none_last():
 # --- code packer --------------------------------------------------------------------------------
 
 
-def test_packed_script_is_two_lines_and_smaller():
+def test_packed_script_is_the_two_line_wrapper_of_the_minified_source():
     source = SCRIPT.read_text()
-    packed = pack_code.pack(source)
-    assert packed.count("\n") == 2 and len(packed) < len(source) / 2
-    assert pack_code.unpack(packed) == source
-    with pytest.raises(pack_code.PackError, match="not a script written by pack_code.py"):
+    counted = pack_code.pack(source)
+    packed = counted.text
+    assert counted.method == tg.CODE_MINIFIED and counted.size == len(packed.encode())
+    assert packed.count("\n") == 2 and len(packed) < len(source) / 3
+    minified = pack_code.unpack(packed)
+    assert minified == tg.minify_source(source) and len(minified) < 0.7 * len(source)
+    assert '"""' not in minified  # docstrings are gone
+    with pytest.raises(pack_code.PackError, match="not a wrapper written by pack_code.py"):
         pack_code.unpack(source)
+    with pytest.raises(pack_code.PackError, match="already a packed wrapper"):
+        pack_code.pack(packed)
     assert pack_code.is_packed(packed) and not pack_code.is_packed(source)
+    assert tg.counted_code(packed) == tg.CountedCode(packed, tg.CODE_WRAPPER)  # a wrapper counts itself
+
+
+def test_packed_script_imports_with_the_same_hyperparameters_and_module_identity(tmp_path):
+    packed = tmp_path / "wrapped.py"
+    assert pack_code.main([str(SCRIPT), "-o", str(packed)]) == 0
+    spec = importlib.util.spec_from_file_location("wrapped_train_gpt", packed)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    assert module.__name__ == "wrapped_train_gpt" and module.__file__ == str(packed)
+    assert module.Hyperparameters.__module__ == "wrapped_train_gpt"
+
+    def fields(cls):
+        return [(f.name, f.type, f.default, dict(f.metadata)) for f in dataclasses.fields(cls)]
+    assert fields(module.Hyperparameters) == fields(tg.Hyperparameters) and len(fields(tg.Hyperparameters)) > 40
+    env = {"NUM_LOOPS": "3", "LOOP_SAMPLE": "3,1", "EMA_DECAY": "0.5", "ENABLE_LOOPING_AT_STEP": "none", "RUN_ID": "x"}
+    assert module.Hyperparameters.from_env(env).as_dict() == tg.Hyperparameters.from_env(env).as_dict()
+    with pytest.raises(module.ConfigError, match="NUM_LOOPS"):
+        module.Hyperparameters.from_env({"NUM_LOOPS": "two"})
+    assert module.counted_code(packed.read_text()).method == tg.CODE_WRAPPER
+
+
+def test_minifier_output_is_the_same_in_every_process():
+    # set iteration order differs between hash seeds; the renaming must not depend on it
+    seed = "1" if os.environ.get("PYTHONHASHSEED") == "0" else "0"  # not this process's seed
+    program = "import sys, train_gpt; sys.stdout.write(train_gpt.minify_source(open(train_gpt.__file__).read()))"
+    other = subprocess.run([sys.executable, "-c", program], env=dict(os.environ, PYTHONHASHSEED=seed),
+                           cwd=SCRIPT.parent, capture_output=True, text=True, check=True).stdout
+    assert other == tg.minify_source(SCRIPT.read_text())
+
+
+class ListLog(list):
+    """Stands in for RunLog: keeps the lines and the JSON fields."""
+
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+    def update(self, **fields) -> None:
+        self.fields = fields
+
+
+def test_without_the_minifier_the_unminified_wrapper_is_counted_with_a_warning(monkeypatch, tmp_path, capsys):
+    source = SCRIPT.read_text()
+    minified_size = tg.counted_code(source).size
+    monkeypatch.setitem(sys.modules, "python_minifier", None)  # `import python_minifier` now raises ImportError
+    assert tg.minify_source(source) is None
+    counted = tg.counted_code(source)
+    assert counted.method == tg.CODE_UNMINIFIED and pack_code.unpack(counted.text) == source
+    assert counted.size > minified_size
+    log = ListLog()
+    tg.log_counted_code(counted, len(source.encode()), log)
+    assert log[0].startswith("WARNING: python-minifier is not installed (pip install python-minifier)")
+    assert f"counted {counted.size} bytes: brotli-11 + base85 self-extracting wrapper of the UNMINIFIED" in log[1]
+    assert log.fields == {"code_bytes": counted.size, "code_method": "unminified"}
+    out = tmp_path / "packed.py"
+    assert pack_code.main([str(SCRIPT), "-o", str(out)]) == 0
+    assert "WARNING: python-minifier is not installed" in capsys.readouterr().err
+    assert out.read_text() == counted.text
 
 
 def train_lines(log: str) -> list[str]:
@@ -165,21 +236,28 @@ def train_lines(log: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_packed_script_runs_end_to_end_like_the_source(sweep, tiny_data, tmp_path):
+def test_packed_script_runs_end_to_end_like_the_source_and_counts_the_same_bytes(sweep, tiny_data, tmp_path):
     packed = tmp_path / "train_gpt.py"
     assert pack_code.main([str(SCRIPT), "-o", str(packed)]) == 0
     run = train(packed, tmp_path, tiny_data["root"], SEED=1, RUN_ID="packed")
     assert run.returncode == 0, run.stderr[-3000:]
     ours, theirs = (tmp_path / "logs" / "packed.txt").read_text(), (sweep / "logs" / "a_s1.txt").read_text()
     assert len(train_lines(ours)) > 10 and train_lines(ours) == train_lines(theirs)
-    assert f"Code size: {packed.stat().st_size} bytes" in ours
+    size = packed.stat().st_size
+    # the readable run counted exactly the file the packer wrote, and the wrapper counts itself the same
+    assert f"Code size: {size} bytes" in ours and f"Code size: {size} bytes" in theirs
+    assert f"counted {size} bytes: this file is the self-extracting wrapper" in ours
+    assert f"code: {SCRIPT.stat().st_size} bytes of source; counted {size} bytes: python-minifier" in theirs
     packed_result, source_result = result(tmp_path, "packed"), result(sweep, "a_s1")
     assert packed_result["metrics"]["sliding_val_bpb"] == source_result["metrics"]["sliding_val_bpb"]
     untimed = [[{k: v for k, v in p.items() if k != "train_time_ms"} for p in r["val_curve"]]
                for r in (packed_result, source_result)]
     assert len(untimed[0]) == 4 and untimed[0] == untimed[1]
     assert packed_result["artifact_bytes"] == source_result["artifact_bytes"]
-    assert packed_result["code_bytes"] == packed.stat().st_size < source_result["code_bytes"] / 2
+    assert packed_result["code_bytes"] == source_result["code_bytes"] == size < SCRIPT.stat().st_size / 3
+    assert (packed_result["code_method"], source_result["code_method"]) == ("wrapper", "minified")
+    assert source_result["source_bytes"] == SCRIPT.stat().st_size
+    assert packed_result["total_bytes"] == source_result["total_bytes"] == size + source_result["artifact_bytes"]
 
 
 # --- record packager ----------------------------------------------------------------------------
@@ -199,7 +277,7 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     assert "-> significant record (p < 0.01)" in capsys.readouterr().out
     folder = tmp_path / "track_non_record_16mb" / "2026-11-23_TinyTest"
     assert (folder / "train_gpt.py").read_bytes() == SCRIPT.read_bytes()
-    assert pack_code.unpack((folder / "train_gpt.packed.py").read_text()) == SCRIPT.read_text()
+    assert pack_code.unpack((folder / "train_gpt.packed.py").read_text()) == tg.minify_source(SCRIPT.read_text())
     assert sorted(p.name for p in (folder / "logs").iterdir()) == [f"a_s{s}.{e}" for s in (1, 2, 3) for e in ("json", "txt")]
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["val_bpb"] == pytest.approx(statistics.fmean(a_scores), abs=1e-12)
@@ -215,6 +293,9 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     readme = (folder / "README.md").read_text()
     assert "ITERATIONS=12" in readme and "SEED=<seed> torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme
     assert "| 3 | 12 |" in readme and (folder / "requirements.txt").exists()
+    code_bytes = result(sweep, "a_s1")["code_bytes"]
+    assert f"counted code size {code_bytes} bytes (method: minified" in readme
+    assert (folder / "train_gpt.packed.py").stat().st_size == code_bytes and sub["code_method"] == "minified"
 
 
 @pytest.mark.slow

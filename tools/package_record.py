@@ -228,6 +228,7 @@ def submission(args, runs: list[Run], metric: str, checks: dict, sig: Optional[d
                          for r in runs},
         "hardware": f"{first['world_size']}x {first['device']}", "pytorch_version": first["torch_version"],
         "technique_summary": args.technique_summary, "code_sha256": runs[0].code, "code_bytes": first["code_bytes"],
+        "code_method": first.get("code_method", "file (log predates code_method)"),
         "compliance": checks, "significance": sig,
     }
 
@@ -248,10 +249,12 @@ def readme(sub: dict, runs: list[Run], command: str, sig_line: str, packed_bytes
               "Knobs that differ from the script's defaults, as the runs set them:", "", "```", command, "```", "",
               "## Compliance (computed from the logs by tools/package_record.py)", ""]
     lines += [f"- {k}: {v}" for k, v in checks.items()]
-    code_line = f"- `train_gpt.py`: the script exactly as run ({sub['code_bytes']} bytes, sha256 {sub['code_sha256']})"
+    code_line = (f"- `train_gpt.py`: the script exactly as run (sha256 {sub['code_sha256']}); counted code size "
+                 f"{sub['code_bytes']} bytes (method: {sub['code_method']}, as the runs logged)")
     lines += ["", "## Files", "", code_line]
     if packed_bytes is not None:
-        lines.append(f"- `train_gpt.packed.py`: the same code, self-extracting (lzma + base85), {packed_bytes} bytes")
+        lines.append(f"- `train_gpt.packed.py`: the counted self-extracting wrapper (minified, brotli + base85), "
+                     f"{packed_bytes} bytes")
     lines += ["- `logs/`: each seed's log and JSON result", "- `requirements.txt`, `submission.json`", ""]
     return "\n".join(lines)
 
@@ -297,7 +300,7 @@ def package(args) -> Path:
     source = script.read_text(encoding="utf-8")
     if args.with_packed and is_packed(source):
         raise RunLogError(f"--with-packed: {script} is already packed (it is what the runs ran; drop the flag)")
-    packed = pack(source) if args.with_packed else None
+    packed = pack(source).text if args.with_packed else None
     sub = submission(args, runs, metric, checks, sig)
     text = readme(sub, runs, reproduction_command(runs[0], script_defaults(script)), sig_line,
                   None if packed is None else len(packed.encode("utf-8")))
