@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import brotli
 import numpy as np
@@ -127,7 +127,9 @@ class Hyperparameters:
     embed_bits: int = knob(8, "bits of the embedding")
     embed_clip_sigmas: float = knob(20.0, "embedding: row scale = k * std(row) / (2^(bits-1) - 1)")
     compressor: str = knob("brotli", "brotli or lzma")
-    allow_over_budget: bool = knob(False, "exploratory run: an artifact over 16,000,000 bytes is not an error")
+    allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
+    artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
+    budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk by ±1 pruning (room for CRLF/edits)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(True, "also score with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -235,6 +237,10 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
     need(hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
     need(hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
     need(hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
+    need(0 < hp.artifact_limit_bytes <= SUBMISSION_LIMIT_BYTES, "ARTIFACT_LIMIT_BYTES",
+         f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
+    need(0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
+         f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
     if hp.sliding_window_enabled:
         need(0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
     need(hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
@@ -1290,6 +1296,192 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
     return out
 
 
+# --- Budget fitter: shrink GPTQ's artifact until model + code fit ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES.
+# A shrinker maps a monotone "amount" (0 = GPTQ's own state) to a quantized state that compresses
+# smaller as the amount grows; the search measures exact compressed sizes, guided by a cheap
+# entropy estimate, and keeps the smallest amount that fits. (Growing an artifact that is under
+# budget would be a negative amount of the same kind.)
+
+FIT_MAX_TRIES = 6  # exact compressions (brotli-11: ~0.4 MB/s of raw bytes per core) after the first
+FIT_OVERSHOOT = 0.01  # aim 1% (+256 bytes) past the needed saving, so that the first try usually fits
+FIT_ACCEPT = 0.03  # a fitting try that shaved at most 3% (+1 KB) more than needed ends the search
+
+
+@dataclasses.dataclass
+class Shrinker:
+    name: str
+    build: Callable[[int], dict[str, dict]]  # amount -> quantized state; build(0) is GPTQ's
+    max_amount: int
+
+
+def entropy_bytes(quantized: dict[str, dict]) -> float:
+    """Order-0 entropy of every code, in bytes: a fast stand-in for how the codes' compressed size moves."""
+    total = 0.0
+    for q in quantized.values():
+        if "codes" in q:
+            counts = torch.bincount(q["codes"].flatten().long() + 128, minlength=256).double()
+            counts = counts[counts > 0]
+            total -= (counts * (counts / counts.sum()).log2()).sum().item() / 8
+    return total
+
+
+def prune_shrinker(quantized: dict[str, dict], hessians: dict[str, Tensor]) -> Shrinker:
+    """Selective ±1 pruning: amount n zeroes the n codes of magnitude 1 whose loss is cheapest.
+
+    Zeroing code q at (row i, column j) moves the weight by scale_i, which raises the layer's
+    output error E[(Δw·x)²] by about scale_i²·H_jj; candidates are ranked once by that cost.
+    Without a Hessian (round-to-nearest) every column counts alike.
+    """
+    names, index, cost = [], [], []
+    for name, q in quantized.items():
+        if "codes" in q:
+            codes = q["codes"]
+            flat = (codes.abs() == 1).flatten().nonzero().squeeze(1)
+            h = hessians.get(name)
+            diag = h.diagonal().float().cpu() if h is not None else torch.ones(codes.shape[1])
+            cost.append(q["scale"].float()[flat // codes.shape[1]] ** 2 * diag[flat % codes.shape[1]])
+            index.append(flat)
+            names.append(name)
+    total = sum(len(c) for c in cost)
+    # rank of every candidate in the global cheapest-first order, kept per tensor (ascending) with its index
+    rank = torch.empty(total, dtype=torch.long)
+    rank[torch.argsort(torch.cat(cost), stable=True) if cost else rank] = torch.arange(total)
+    ranks, start = [], 0
+    for k, flat in enumerate(index):
+        mine, order = rank[start:start + len(flat)].sort()
+        ranks.append(mine)
+        index[k] = flat[order]
+        start += len(flat)
+
+    def build(n: int) -> dict[str, dict]:
+        out = dict(quantized)
+        for name, mine, flat in zip(names, ranks, index):
+            count = int(torch.searchsorted(mine, n))  # this tensor's candidates among the n cheapest
+            if count:
+                codes = quantized[name]["codes"].clone()
+                codes.view(-1)[flat[:count]] = 0
+                out[name] = dict(quantized[name], codes=codes)
+        return out
+
+    return Shrinker("prune", build, total)
+
+
+def added_error(before: dict[str, dict], after: dict[str, dict], hessians: dict[str, Tensor]) -> float:
+    """Sum of (Δw)²·H_jj over the codes that changed: the diagonal estimate of the added output error."""
+    total = 0.0
+    for name, q in after.items():
+        if "codes" in q and q["codes"] is not before[name]["codes"]:
+            delta = (q["codes"].float() - before[name]["codes"].float()) * q["scale"].float()[:, None]
+            h = hessians.get(name)
+            diag = h.diagonal().float().cpu() if h is not None else torch.ones(delta.shape[1])
+            total += (delta ** 2 * diag[None, :]).sum().item()
+    return total
+
+
+def amount_for_estimate(shrinker: Shrinker, wanted: float, low: int, high: int) -> int:
+    """Smallest amount in (low, high] whose entropy estimate is at most `wanted` (bisection; high if none)."""
+    while high - low > 1:
+        mid = (low + high) // 2
+        if entropy_bytes(shrinker.build(mid)) <= wanted:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def next_amount(shrinker: Shrinker, lo: dict, hi: Optional[dict], aim: int) -> int:
+    """The amount whose entropy estimate should compress to `aim` bytes, judged from the measured points.
+
+    Below the first fitting point the estimate is extrapolated from `lo` with the ratio of real to
+    estimated saving seen there; inside a bracket it is interpolated between the two measured ends,
+    and kept in the bracket's middle half so that a compressor that is not smooth in the amount
+    still halves the bracket every two tries.
+    """
+    if hi is None:
+        ratio = max(lo["saved"] / lo["estimate_saved"], 1e-3) if lo["estimate_saved"] > 0 else 1.0
+        wanted = lo["estimate"] - (lo["bytes"] - aim) / ratio
+        return amount_for_estimate(shrinker, wanted, lo["amount"], shrinker.max_amount)
+    f = (lo["bytes"] - aim) / max(lo["bytes"] - hi["bytes"], 1)
+    wanted = lo["estimate"] - f * (lo["estimate"] - hi["estimate"])
+    amount = amount_for_estimate(shrinker, wanted, lo["amount"], hi["amount"])
+    quarter = (hi["amount"] - lo["amount"]) // 4
+    return min(max(amount, lo["amount"] + max(quarter, 1)), hi["amount"] - quarter)
+
+
+def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budget: int) -> Optional[dict]:
+    """Smallest amount found whose compressed model is at most `budget` bytes, in at most FIT_MAX_TRIES
+    exact compressions (+1 for the maximum amount if nothing smaller fitted). None: even the maximum does not fit.
+
+    Aims FIT_OVERSHOOT past the needed saving; stops at a fitting try that shaved at most FIT_ACCEPT
+    more than needed, or when the bracket is one amount wide.
+    """
+    need = base_bytes - budget
+    base_estimate = entropy_bytes(shrinker.build(0))
+    aim = base_bytes - round(need * (1 + FIT_OVERSHOOT) + 256)
+    lo = dict(amount=0, bytes=base_bytes, estimate=base_estimate, saved=0, estimate_saved=0.0)
+    hi, tries = None, 0
+
+    def measure(amount: int) -> dict:
+        quantized = shrinker.build(amount)
+        blob = serialize_artifact(quantized, hp)
+        estimate = entropy_bytes(quantized)
+        return dict(amount=amount, bytes=len(blob), estimate=estimate, saved=base_bytes - len(blob),
+                    estimate_saved=base_estimate - estimate, quantized=quantized, blob=blob)
+
+    while tries < FIT_MAX_TRIES and (hi is None or hi["amount"] - lo["amount"] > 1):
+        point = measure(next_amount(shrinker, lo, hi, aim))
+        tries += 1
+        if point["bytes"] <= budget:
+            hi = point
+            if point["saved"] <= need * (1 + FIT_ACCEPT) + 1024:
+                break
+        elif point["amount"] == shrinker.max_amount:
+            return None
+        else:
+            lo = point
+    if hi is None:  # out of tries below the maximum: the maximum is the one amount left to try
+        hi, tries = measure(shrinker.max_amount), tries + 1
+        if hi["bytes"] > budget:
+            return None
+    return dict(amount=hi["amount"], quantized=hi["quantized"], blob=hi["blob"], tries=tries)
+
+
+def fit_to_budget(quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters, code_bytes: int,
+                  log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
+    """GPTQ's state and its compressed bytes, shrunk by ±1 pruning if model + code exceed limit - margin.
+
+    Under the target (or with ALLOW_OVER_BUDGET=1) GPTQ's bytes are returned untouched. If even
+    pruning every ±1 code does not fit, GPTQ's bytes are returned too and the run's budget check
+    reports the overrun. Every rank computes the same result (compression is deterministic).
+    """
+    t0 = time.perf_counter()
+    blob = serialize_artifact(quantized, hp)
+    target = hp.artifact_limit_bytes - hp.budget_margin_bytes
+    report = dict(limit=hp.artifact_limit_bytes, margin=hp.budget_margin_bytes, target=target,
+                  before=len(blob) + code_bytes, after=len(blob) + code_bytes, method="none", amount=0, tries=0)
+    if report["before"] <= target or hp.allow_over_budget:
+        why = "ALLOW_OVER_BUDGET=1" if report["before"] > target else f"<= target {target}"
+        log(f"budget_fit: {report['before']} bytes {why} (limit {hp.artifact_limit_bytes} - margin "
+            f"{hp.budget_margin_bytes}); artifact unchanged")
+        return quantized, blob, report
+    shrinker = prune_shrinker(quantized, hessians)
+    found = search_amount(shrinker, hp, len(blob), target - code_bytes)
+    report.update(seconds=round(time.perf_counter() - t0, 2), candidates=shrinker.max_amount)
+    if found is None:
+        report.update(method="failed")
+        log(f"budget_fit: CANNOT FIT: {report['before']} bytes > target {target}, and pruning all "
+            f"{shrinker.max_amount} ±1 codes does not fit either; artifact unchanged ({report['seconds']}s)")
+        return quantized, blob, report
+    cost = added_error(quantized, found["quantized"], hessians)
+    report.update(method=shrinker.name, amount=found["amount"], tries=found["tries"], after=len(found["blob"]) + code_bytes,
+                  hessian_error=cost)
+    log(f"budget_fit: limit {hp.artifact_limit_bytes} - margin {hp.budget_margin_bytes} = target {target}; "
+        f"before {report['before']} after {report['after']} bytes (shaved {report['before'] - report['after']}); "
+        f"method prune: zeroed {found['amount']} of {shrinker.max_amount} ±1 codes; predicted cost: "
+        f"Hessian-weighted squared error {cost:.4g}; {found['tries']} compressions in {report['seconds']}s")
+    return found["quantized"], found["blob"], report
+
+
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
     return {name: dequantize(q["codes"], q["scale"]) if "codes" in q else q["fp16"].float()
             for name, q in quantized.items()}
@@ -1435,7 +1627,7 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
     for line in describe_quantization(quantized):
         log(line)
     t2 = time.perf_counter()
-    blob = serialize_artifact(quantized, hp)
+    quantized, blob, budget_fit = fit_to_budget(quantized, hessians, hp, code_bytes, log)
     serialize_s = time.perf_counter() - t2
     if rt.is_main:
         Path(ARTIFACT_PATH).write_bytes(blob)
@@ -1446,14 +1638,14 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
     log(f"Serialized model quantized+{hp.compressor}: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size quantized+{hp.compressor}: {total} bytes")
-    over = total > SUBMISSION_LIMIT_BYTES
+    over = total > hp.artifact_limit_bytes
     if over:
-        log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {SUBMISSION_LIMIT_BYTES} "
-            f"(by {total - SUBMISSION_LIMIT_BYTES}); not a valid submission"
+        log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {hp.artifact_limit_bytes} "
+            f"(by {total - hp.artifact_limit_bytes}); not a valid submission"
             + (" (ALLOW_OVER_BUDGET=1: exploratory run)" if hp.allow_over_budget else ""))
     return dict(artifact_bytes=model_bytes, code_bytes=code_bytes, total_bytes=total, artifact_over_budget=over,
                 gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
-                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3))
+                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3), budget_fit=budget_fit)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1727,7 +1919,7 @@ def main() -> None:
         if rt.distributed:
             dist.barrier()  # no rank tears the process group down while another is still finishing
         if not within_budget:
-            sys.exit(f"train_gpt.py: the submission is over {SUBMISSION_LIMIT_BYTES} bytes (see the log); "
+            sys.exit(f"train_gpt.py: the submission is over {hp.artifact_limit_bytes} bytes (see the log); "
                      "set ALLOW_OVER_BUDGET=1 for an exploratory run")
     except DataError as exc:
         sys.exit(f"train_gpt.py: data error: {exc}")
