@@ -143,23 +143,29 @@ def test_byte_planes_round_trip():
 # --- budget fitter -------------------------------------------------------------------------------
 
 
-def fitter_setup(limit_delta: int, margin: int = 1000):
+def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune"):
     """One-layer model (3 quantized matrices), a Hessian on one of them, and hp whose limit is GPTQ's
     compressed size + limit_delta (code bytes are 0 here). lzma: the fitter is the same for either
     compressor, and lzma compresses this ~2.5x faster than brotli-11 (the end-to-end test uses brotli)."""
     hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR="lzma")
     hessians = {"blocks.0.mlp.fc.weight": torch.diag(torch.linspace(0.1, 2.0, 160))}
+    q = tg.quantize_state(model, hessians, hp)
     base = len(tg.serialize_artifact(q, hp))
-    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base + limit_delta, budget_margin_bytes=margin)
-    return hp, q, hessians, base
+    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base + limit_delta, budget_margin_bytes=margin,
+                                budget_fit_method=method)
+    return hp, model, q, hessians, base
+
+
+def fit(hp, model, q, hessians, log=lambda _: None):
+    return tg.fit_to_budget(model, q, hessians, hp, 0, log)
 
 
 def test_fitter_lands_at_or_under_limit_minus_margin_by_pruning_ones():
-    hp, q, hessians, base = fitter_setup(limit_delta=-8000)
-    fitted, blob, report = tg.fit_to_budget(q, hessians, hp, 0, lambda _: None)
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-8000)
+    fitted, blob, report = fit(hp, model, q, hessians)
     assert len(blob) <= hp.artifact_limit_bytes - hp.budget_margin_bytes == report["target"]
     assert report["method"] == "prune" and report["before"] == base and report["after"] == len(blob)
-    assert 0 < report["amount"] < report["candidates"] and 1 <= report["tries"] <= tg.FIT_MAX_TRIES + 1
+    assert 0 < report["amount"] < report["max_amount"] and 1 <= report["tries"] <= tg.FIT_MAX_TRIES + 1
     changed = 0
     for name, entry in q.items():
         if "codes" in entry:  # only codes of magnitude 1 were touched, and only set to 0
@@ -173,7 +179,7 @@ def test_fitter_lands_at_or_under_limit_minus_margin_by_pruning_ones():
 
 
 def test_fitter_prunes_the_cheapest_ones_first():
-    hp, q, hessians, _ = fitter_setup(limit_delta=-8000)
+    hp, model, q, hessians, _ = fitter_setup(limit_delta=-8000)
     shrinker = tg.prune_shrinker(q, hessians)
     few, more = shrinker.build(100), shrinker.build(5000)
     for name in q:
@@ -184,18 +190,21 @@ def test_fitter_prunes_the_cheapest_ones_first():
     assert len(pruned) and pruned[:, 1].float().mean() < 80
 
 
-def test_fitter_leaves_an_artifact_under_the_target_byte_identical():
-    hp, q, hessians, base = fitter_setup(limit_delta=1000, margin=1000)  # exactly at the target
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitter_leaves_an_artifact_under_the_target_byte_identical(method):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=1000, margin=1000, method=method)  # exactly at the target
     lines = []
-    fitted, blob, report = tg.fit_to_budget(q, hessians, hp, 0, lines.append)
+    fitted, blob, report = fit(hp, model, q, hessians, lines.append)
     assert fitted is q and blob == tg.serialize_artifact(q, hp)
     assert report["method"] == "none" and report["after"] == report["before"] == base
     assert lines and lines[0].startswith("budget_fit:") and "artifact unchanged" in lines[0]
 
 
-def test_fitted_artifact_round_trips_through_the_file(tmp_path):
-    hp, q, hessians, _ = fitter_setup(limit_delta=-5000)
-    fitted, blob, _ = tg.fit_to_budget(q, hessians, hp, 0, lambda _: None)
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitted_artifact_round_trips_through_the_file(tmp_path, method):
+    hp, model, q, hessians, _ = fitter_setup(limit_delta=-5000, method=method)
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert report["method"] == method and len(blob) <= report["target"]
     path = tmp_path / "fitted.ptz"
     path.write_bytes(blob)
     loaded = tg.load_artifact(path, hp, CPU)
@@ -203,18 +212,32 @@ def test_fitted_artifact_round_trips_through_the_file(tmp_path):
         assert torch.equal(loaded.state_dict()[name], t), name
 
 
-def test_impossible_limit_is_reported_and_leaves_gptq_bytes():
-    hp, q, hessians, base = fitter_setup(limit_delta=0)
-    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base // 2)  # pruning every ±1 saves far less
+@pytest.mark.parametrize("method, most", [("prune", "zeroed {0} of {0} ±1 codes"), ("clip", "clip sigmas x3.00")])
+def test_impossible_limit_is_reported_and_leaves_gptq_bytes(method, most):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=0, method=method)
+    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base // 4)  # the codes are far less than 3/4 of it
     lines = []
-    fitted, blob, report = tg.fit_to_budget(q, hessians, hp, 0, lines.append)
+    fitted, blob, report = fit(hp, model, q, hessians, lines.append)
     assert report["method"] == "failed" and fitted is q and blob == tg.serialize_artifact(q, hp)
-    assert "CANNOT FIT" in lines[-1] and f"{report['candidates']} ±1 codes" in lines[-1]
+    assert "CANNOT FIT" in lines[-1] and most.format(report["max_amount"]) in lines[-1]
+
+
+def test_clip_fitter_requantizes_with_coarser_steps():
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-8000, method="clip")
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert report["method"] == "clip" and len(blob) <= report["target"] and report["amount"] > 0
+    factor = 1 + report["amount"] * tg.CLIP_STEP
+    again = tg.quantize_state(model, hessians, tg.dataclasses.replace(
+        hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor, embed_clip_sigmas=hp.embed_clip_sigmas * factor))
+    for name, entry in fitted.items():
+        if "codes" in entry:
+            assert torch.equal(entry["codes"], again[name]["codes"]) and (entry["scale"] > q[name]["scale"]).all()
 
 
 @pytest.mark.parametrize("env, message", [(dict(ARTIFACT_LIMIT_BYTES=16_000_001), "ARTIFACT_LIMIT_BYTES=16000001: must be in 1..16000000"),
                                           (dict(ARTIFACT_LIMIT_BYTES=5000, BUDGET_MARGIN_BYTES=5000), "BUDGET_MARGIN_BYTES=5000"),
-                                          (dict(BUDGET_MARGIN_BYTES=-1), "BUDGET_MARGIN_BYTES=-1")])
+                                          (dict(BUDGET_MARGIN_BYTES=-1), "BUDGET_MARGIN_BYTES=-1"),
+                                          (dict(BUDGET_FIT_METHOD="trim"), "BUDGET_FIT_METHOD='trim': must be one of clip, prune")])
 def test_budget_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
         tg.validate(hparams(**env), 1)
@@ -379,10 +402,10 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
     log = (tmp_path / "logs" / "fit.txt").read_text()
     artifact = tmp_path / "final_model.int6.ptz"
     fit = record["budget_fit"]
-    assert fit["method"] == "prune" and fit["before"] == free["total_bytes"] and fit["target"] == limit - 500
+    assert fit["method"] == "clip" and fit["before"] == free["total_bytes"] and fit["target"] == limit - 500
     assert record["total_bytes"] == fit["after"] == artifact.stat().st_size + SCRIPT.stat().st_size <= limit - 500
     assert record["status"] == "completed" and record["artifact_over_budget"] is False
     assert re.search(rf"^budget_fit: limit {limit} - margin 500 = target {limit - 500}; before {fit['before']} "
-                     rf"after {fit['after']} bytes .* method prune: zeroed {fit['amount']} of", log, re.M)
+                     rf"after {fit['after']} bytes .* method clip: clip sigmas x{1 + fit['amount'] / 100:.2f}", log, re.M)
     assert f"Total submission size quantized+brotli: {fit['after']} bytes" in log
     assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the pruned file was read

@@ -129,7 +129,8 @@ class Hyperparameters:
     compressor: str = knob("brotli", "brotli or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
-    budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk by ±1 pruning (room for CRLF/edits)")
+    budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
+    budget_fit_method: str = knob("clip", "how an artifact over budget is shrunk: clip (coarser SDClip steps) or prune (±1 codes)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(True, "also score with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -241,6 +242,7 @@ def validate(hp: Hyperparameters, world_size: int) -> None:
          f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
     need(0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
          f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
+    need(hp.budget_fit_method in FIT_METHODS, "BUDGET_FIT_METHOD", f"must be one of {', '.join(FIT_METHODS)}")
     if hp.sliding_window_enabled:
         need(0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
     need(hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
@@ -1302,7 +1304,8 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
 # entropy estimate, and keeps the smallest amount that fits. (Growing an artifact that is under
 # budget would be a negative amount of the same kind.)
 
-FIT_MAX_TRIES = 6  # exact compressions (brotli-11: ~0.4 MB/s of raw bytes per core) after the first
+FIT_METHODS = ("clip", "prune")
+FIT_MAX_TRIES = 4  # exact compressions after the first (brotli-11: ~0.4 MB/s of raw bytes on one loaded CPU core)
 FIT_OVERSHOOT = 0.01  # aim 1% (+256 bytes) past the needed saving, so that the first try usually fits
 FIT_ACCEPT = 0.03  # a fitting try that shaved at most 3% (+1 KB) more than needed ends the search
 
@@ -1311,7 +1314,9 @@ FIT_ACCEPT = 0.03  # a fitting try that shaved at most 3% (+1 KB) more than need
 class Shrinker:
     name: str
     build: Callable[[int], dict[str, dict]]  # amount -> quantized state; build(0) is GPTQ's
+    estimate: Callable[[int], float]  # amount -> a fast estimate of the codes' size, in bytes
     max_amount: int
+    describe: Callable[[int], str]  # amount -> what it did, for the log
 
 
 def entropy_bytes(quantized: dict[str, dict]) -> float:
@@ -1363,15 +1368,39 @@ def prune_shrinker(quantized: dict[str, dict], hessians: dict[str, Tensor]) -> S
                 out[name] = dict(quantized[name], codes=codes)
         return out
 
-    return Shrinker("prune", build, total)
+    return Shrinker("prune", build, lambda n: entropy_bytes(build(n)), total,
+                    lambda n: f"zeroed {n} of {total} ±1 codes")
+
+
+CLIP_STEP = 0.01  # amount n of the clip shrinker multiplies every clip sigma by 1 + n * CLIP_STEP
+CLIP_MAX_AMOUNT = 200  # up to 3x the configured clip sigmas
+
+
+def clip_shrinker(model: GPT, hessians: dict[str, Tensor], quantized: dict[str, dict], hp: Hyperparameters) -> Shrinker:
+    """Coarser SDClip steps: amount n re-runs GPTQ with every clip sigma times 1 + n * CLIP_STEP.
+
+    A larger step leaves fewer distinct codes, so the codes compress smaller. The estimate uses
+    round-to-nearest codes, whose entropy moves like GPTQ's but costs no GPTQ run per guess.
+    """
+    def scaled(n: int) -> Hyperparameters:
+        factor = 1 + n * CLIP_STEP
+        return dataclasses.replace(hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor,
+                                   embed_clip_sigmas=hp.embed_clip_sigmas * factor)
+
+    def build(n: int) -> dict[str, dict]:
+        return quantized if n == 0 else quantize_state(model, hessians, scaled(n))
+
+    return Shrinker("clip", build, lambda n: entropy_bytes(quantize_state(model, {}, scaled(n))), CLIP_MAX_AMOUNT,
+                    lambda n: f"clip sigmas x{1 + n * CLIP_STEP:.2f} (MATRIX_CLIP_SIGMAS {scaled(n).matrix_clip_sigmas:.4g}, "
+                              f"EMBED_CLIP_SIGMAS {scaled(n).embed_clip_sigmas:.4g})")
 
 
 def added_error(before: dict[str, dict], after: dict[str, dict], hessians: dict[str, Tensor]) -> float:
-    """Sum of (Δw)²·H_jj over the codes that changed: the diagonal estimate of the added output error."""
+    """Sum of (Δw)²·H_jj over the matrices that changed: the diagonal estimate of the added output error."""
     total = 0.0
     for name, q in after.items():
-        if "codes" in q and q["codes"] is not before[name]["codes"]:
-            delta = (q["codes"].float() - before[name]["codes"].float()) * q["scale"].float()[:, None]
+        if "codes" in q and q is not before[name]:
+            delta = dequantize(q["codes"], q["scale"]) - dequantize(before[name]["codes"], before[name]["scale"])
             h = hessians.get(name)
             diag = h.diagonal().float().cpu() if h is not None else torch.ones(delta.shape[1])
             total += (delta ** 2 * diag[None, :]).sum().item()
@@ -1382,7 +1411,7 @@ def amount_for_estimate(shrinker: Shrinker, wanted: float, low: int, high: int) 
     """Smallest amount in (low, high] whose entropy estimate is at most `wanted` (bisection; high if none)."""
     while high - low > 1:
         mid = (low + high) // 2
-        if entropy_bytes(shrinker.build(mid)) <= wanted:
+        if shrinker.estimate(mid) <= wanted:
             high = mid
         else:
             low = mid
@@ -1416,7 +1445,7 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
     more than needed, or when the bracket is one amount wide.
     """
     need = base_bytes - budget
-    base_estimate = entropy_bytes(shrinker.build(0))
+    base_estimate = shrinker.estimate(0)
     aim = base_bytes - round(need * (1 + FIT_OVERSHOOT) + 256)
     lo = dict(amount=0, bytes=base_bytes, estimate=base_estimate, saved=0, estimate_saved=0.0)
     hi, tries = None, 0
@@ -1424,7 +1453,7 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
     def measure(amount: int) -> dict:
         quantized = shrinker.build(amount)
         blob = serialize_artifact(quantized, hp)
-        estimate = entropy_bytes(quantized)
+        estimate = shrinker.estimate(amount)
         return dict(amount=amount, bytes=len(blob), estimate=estimate, saved=base_bytes - len(blob),
                     estimate_saved=base_estimate - estimate, quantized=quantized, blob=blob)
 
@@ -1446,13 +1475,14 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
     return dict(amount=hi["amount"], quantized=hi["quantized"], blob=hi["blob"], tries=tries)
 
 
-def fit_to_budget(quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters, code_bytes: int,
-                  log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
-    """GPTQ's state and its compressed bytes, shrunk by ±1 pruning if model + code exceed limit - margin.
+def fit_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
+                  code_bytes: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
+    """GPTQ's state and its compressed bytes, shrunk by BUDGET_FIT_METHOD if model + code exceed limit - margin.
 
     Under the target (or with ALLOW_OVER_BUDGET=1) GPTQ's bytes are returned untouched. If even
-    pruning every ±1 code does not fit, GPTQ's bytes are returned too and the run's budget check
-    reports the overrun. Every rank computes the same result (compression is deterministic).
+    the method's maximum amount does not fit, GPTQ's bytes are returned too and the run's budget
+    check reports the overrun. Every rank computes the same result (GPTQ and compression are
+    deterministic), and every rank reads back the file rank 0 writes.
     """
     t0 = time.perf_counter()
     blob = serialize_artifact(quantized, hp)
@@ -1464,20 +1494,21 @@ def fit_to_budget(quantized: dict[str, dict], hessians: dict[str, Tensor], hp: H
         log(f"budget_fit: {report['before']} bytes {why} (limit {hp.artifact_limit_bytes} - margin "
             f"{hp.budget_margin_bytes}); artifact unchanged")
         return quantized, blob, report
-    shrinker = prune_shrinker(quantized, hessians)
+    shrinker = (clip_shrinker(model, hessians, quantized, hp) if hp.budget_fit_method == "clip"
+                else prune_shrinker(quantized, hessians))
     found = search_amount(shrinker, hp, len(blob), target - code_bytes)
-    report.update(seconds=round(time.perf_counter() - t0, 2), candidates=shrinker.max_amount)
+    report.update(seconds=round(time.perf_counter() - t0, 2), max_amount=shrinker.max_amount)
     if found is None:
         report.update(method="failed")
-        log(f"budget_fit: CANNOT FIT: {report['before']} bytes > target {target}, and pruning all "
-            f"{shrinker.max_amount} ±1 codes does not fit either; artifact unchanged ({report['seconds']}s)")
+        log(f"budget_fit: CANNOT FIT: {report['before']} bytes > target {target}, and the most {shrinker.name} "
+            f"can do ({shrinker.describe(shrinker.max_amount)}) does not fit either; artifact unchanged ({report['seconds']}s)")
         return quantized, blob, report
     cost = added_error(quantized, found["quantized"], hessians)
     report.update(method=shrinker.name, amount=found["amount"], tries=found["tries"], after=len(found["blob"]) + code_bytes,
                   hessian_error=cost)
     log(f"budget_fit: limit {hp.artifact_limit_bytes} - margin {hp.budget_margin_bytes} = target {target}; "
         f"before {report['before']} after {report['after']} bytes (shaved {report['before'] - report['after']}); "
-        f"method prune: zeroed {found['amount']} of {shrinker.max_amount} ±1 codes; predicted cost: "
+        f"method {shrinker.name}: {shrinker.describe(found['amount'])}; predicted cost: "
         f"Hessian-weighted squared error {cost:.4g}; {found['tries']} compressions in {report['seconds']}s")
     return found["quantized"], found["blob"], report
 
@@ -1627,7 +1658,7 @@ def build_artifact(trainer: "Trainer", code_bytes: int) -> dict:
     for line in describe_quantization(quantized):
         log(line)
     t2 = time.perf_counter()
-    quantized, blob, budget_fit = fit_to_budget(quantized, hessians, hp, code_bytes, log)
+    quantized, blob, budget_fit = fit_to_budget(trainer.model, quantized, hessians, hp, code_bytes, log)
     serialize_s = time.perf_counter() - t2
     if rt.is_main:
         Path(ARTIFACT_PATH).write_bytes(blob)
