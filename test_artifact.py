@@ -140,6 +140,109 @@ def test_byte_planes_round_trip():
     assert planes != data and tg.from_byte_planes(planes, 2) == data
 
 
+# --- budget fitter -------------------------------------------------------------------------------
+
+
+def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune"):
+    """One-layer model (3 quantized matrices), a Hessian on one of them, and hp whose limit is GPTQ's
+    compressed size + limit_delta (code bytes are 0 here). lzma: the fitter is the same for either
+    compressor, and lzma compresses this ~2.5x faster than brotli-11 (the end-to-end test uses brotli)."""
+    hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR="lzma")
+    hessians = {"blocks.0.mlp.fc.weight": torch.diag(torch.linspace(0.1, 2.0, 160))}
+    q = tg.quantize_state(model, hessians, hp)
+    base = len(tg.serialize_artifact(q, hp))
+    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base + limit_delta, budget_margin_bytes=margin,
+                                budget_fit_method=method)
+    return hp, model, q, hessians, base
+
+
+def fit(hp, model, q, hessians, log=lambda _: None):
+    return tg.fit_to_budget(model, q, hessians, hp, 0, log)
+
+
+def test_fitter_lands_at_or_under_limit_minus_margin_by_pruning_ones():
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-8000)
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert len(blob) <= hp.artifact_limit_bytes - hp.budget_margin_bytes == report["target"]
+    assert report["method"] == "prune" and report["before"] == base and report["after"] == len(blob)
+    assert 0 < report["amount"] < report["max_amount"] and 1 <= report["tries"] <= tg.FIT_MAX_TRIES + 1
+    changed = 0
+    for name, entry in q.items():
+        if "codes" in entry:  # only codes of magnitude 1 were touched, and only set to 0
+            diff = entry["codes"] != fitted[name]["codes"]
+            assert (entry["codes"][diff].abs() == 1).all() and (fitted[name]["codes"][diff] == 0).all()
+            assert torch.equal(entry["scale"], fitted[name]["scale"])
+            changed += int(diff.sum())
+        else:
+            assert fitted[name] is entry
+    assert changed == report["amount"] and report["hessian_error"] > 0
+
+
+def test_fitter_prunes_the_cheapest_ones_first():
+    hp, model, q, hessians, _ = fitter_setup(limit_delta=-8000)
+    shrinker = tg.prune_shrinker(q, hessians)
+    few, more = shrinker.build(100), shrinker.build(5000)
+    for name in q:
+        if "codes" in q[name]:
+            assert ((few[name]["codes"] != q[name]["codes"]) <= (more[name]["codes"] != q[name]["codes"])).all()
+    # the Hessian makes fc's low-H columns cheap: its first pruned values sit in the low columns
+    pruned = (few["blocks.0.mlp.fc.weight"]["codes"] != q["blocks.0.mlp.fc.weight"]["codes"]).nonzero()
+    assert len(pruned) and pruned[:, 1].float().mean() < 80
+
+
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitter_leaves_an_artifact_under_the_target_byte_identical(method):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=1000, margin=1000, method=method)  # exactly at the target
+    lines = []
+    fitted, blob, report = fit(hp, model, q, hessians, lines.append)
+    assert fitted is q and blob == tg.serialize_artifact(q, hp)
+    assert report["method"] == "none" and report["after"] == report["before"] == base
+    assert lines and lines[0].startswith("budget_fit:") and "artifact unchanged" in lines[0]
+
+
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitted_artifact_round_trips_through_the_file(tmp_path, method):
+    hp, model, q, hessians, _ = fitter_setup(limit_delta=-5000, method=method)
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert report["method"] == method and len(blob) <= report["target"]
+    path = tmp_path / "fitted.ptz"
+    path.write_bytes(blob)
+    loaded = tg.load_artifact(path, hp, CPU)
+    for name, t in tg.dequantize_state(fitted).items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+
+
+@pytest.mark.parametrize("method, most", [("prune", "zeroed {0} of {0} ±1 codes"), ("clip", "clip sigmas x3.00")])
+def test_impossible_limit_is_reported_and_leaves_gptq_bytes(method, most):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=0, method=method)
+    hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base // 4)  # the codes are far less than 3/4 of it
+    lines = []
+    fitted, blob, report = fit(hp, model, q, hessians, lines.append)
+    assert report["method"] == "failed" and fitted is q and blob == tg.serialize_artifact(q, hp)
+    assert "CANNOT FIT" in lines[-1] and most.format(report["max_amount"]) in lines[-1]
+
+
+def test_clip_fitter_requantizes_with_coarser_steps():
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-8000, method="clip")
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert report["method"] == "clip" and len(blob) <= report["target"] and report["amount"] > 0
+    factor = 1 + report["amount"] * tg.CLIP_STEP
+    again = tg.quantize_state(model, hessians, tg.dataclasses.replace(
+        hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor, embed_clip_sigmas=hp.embed_clip_sigmas * factor))
+    for name, entry in fitted.items():
+        if "codes" in entry:
+            assert torch.equal(entry["codes"], again[name]["codes"]) and (entry["scale"] > q[name]["scale"]).all()
+
+
+@pytest.mark.parametrize("env, message", [(dict(ARTIFACT_LIMIT_BYTES=16_000_001), "ARTIFACT_LIMIT_BYTES=16000001: must be in 1..16000000"),
+                                          (dict(ARTIFACT_LIMIT_BYTES=5000, BUDGET_MARGIN_BYTES=5000), "BUDGET_MARGIN_BYTES=5000"),
+                                          (dict(BUDGET_MARGIN_BYTES=-1), "BUDGET_MARGIN_BYTES=-1"),
+                                          (dict(BUDGET_FIT_METHOD="trim"), "BUDGET_FIT_METHOD='trim': must be one of clip, prune")])
+def test_budget_knobs_are_checked(env, message):
+    with pytest.raises(tg.ConfigError, match=re.escape(message)):
+        tg.validate(hparams(**env), 1)
+
+
 # --- sliding window and score-first TTT ----------------------------------------------------------
 
 
@@ -252,27 +355,104 @@ def test_end_to_end_artifact_and_post_quant_scores(tiny_data, tmp_path):
         assert key in metrics or key in record, key
 
 
-def test_over_budget_artifact_is_an_error_after_evaluation(tiny_data, tmp_path, monkeypatch, capsys):
-    # Compressing a real >16 MB artifact takes minutes on CPU, so the limit is lowered instead.
-    monkeypatch.setattr(tg, "SUBMISSION_LIMIT_BYTES", 50_000)
-    monkeypatch.chdir(tmp_path)
-    small = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, NUM_LOOPS=0,
+SMALL_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, NUM_LOOPS=0,
                  XSA_LAST_N=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, VAL_BATCH_TOKENS=256 * 8,
                  ITERATIONS=1, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, GPTQ_CALIBRATION_BATCHES=1,
-                 SLIDING_WINDOW_ENABLED=0, DATA_DIR=tiny_data["root"])
+                 SLIDING_WINDOW_ENABLED=0)
+
+
+def main_in_process(monkeypatch, env: dict) -> None:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    tg.main()
+
+
+def test_over_budget_artifact_is_an_error_after_evaluation(tiny_data, tmp_path, monkeypatch):
+    # Compressing a real >16 MB artifact takes minutes on CPU, so the limit is lowered instead. This
+    # model's matrices are all small enough for fp16, so the fitter has no ±1 codes to prune.
+    monkeypatch.chdir(tmp_path)
     for allowed, run_id in ((0, "big"), (1, "big_ok")):
-        for key, value in dict(small, RUN_ID=run_id, ALLOW_OVER_BUDGET=allowed).items():
-            monkeypatch.setenv(key, str(value))
+        env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], RUN_ID=run_id, ALLOW_OVER_BUDGET=allowed,
+                   ARTIFACT_LIMIT_BYTES=50_000)
         if allowed:
-            tg.main()  # an exploratory run: no error
+            main_in_process(monkeypatch, env)  # an exploratory run: no error
         else:
             with pytest.raises(SystemExit) as exit_info:
-                tg.main()
+                main_in_process(monkeypatch, env)
             assert "over 50000 bytes" in str(exit_info.value.code) and "ALLOW_OVER_BUDGET=1" in str(exit_info.value.code)
         log = (tmp_path / "logs" / f"{run_id}.txt").read_text()
         assert "ERROR: ARTIFACT OVER BUDGET" in log and re.search(r"^quantized val_loss:", log, re.M)
+        assert ("ALLOW_OVER_BUDGET=1 (limit 50000" if allowed else "budget_fit: CANNOT FIT") in log
         record = json.loads((tmp_path / "logs" / f"{run_id}.json").read_text())
         assert record["artifact_over_budget"] is True and record["total_bytes"] > 50_000
         assert record["status"] == ("completed" if allowed else "over_budget")
+        assert record["budget_fit"]["method"] == ("none" if allowed else "failed")
+
+
+def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], MODEL_DIM=160, RUN_ID="free")  # 512 x 160 embedding: int8
+    main_in_process(monkeypatch, env)
+    free = json.loads((tmp_path / "logs" / "free.json").read_text())
+    assert free["budget_fit"]["method"] == "none"
+    limit = free["total_bytes"] - 1500
+    main_in_process(monkeypatch, dict(env, RUN_ID="fit", ARTIFACT_LIMIT_BYTES=limit, BUDGET_MARGIN_BYTES=500))
+    record = json.loads((tmp_path / "logs" / "fit.json").read_text())
+    log = (tmp_path / "logs" / "fit.txt").read_text()
+    artifact = tmp_path / "final_model.int6.ptz"
+    fit = record["budget_fit"]
+    assert fit["method"] == "clip" and fit["before"] == free["total_bytes"] and fit["target"] == limit - 500
+    assert record["total_bytes"] == fit["after"] == artifact.stat().st_size + SCRIPT.stat().st_size <= limit - 500
+    assert record["status"] == "completed" and record["artifact_over_budget"] is False
+    assert re.search(rf"^budget_fit: limit {limit} - margin 500 = target {limit - 500}; before {fit['before']} "
+                     rf"after {fit['after']} bytes .* method clip: clip sigmas x{1 + fit['amount'] / 100:.2f}", log, re.M)
+    assert f"Total submission size quantized+brotli: {fit['after']} bytes" in log
+    assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the pruned file was read
+
+
+# --- training time includes GPTQ; the run checks its own compliance ------------------------------
+
+
+def test_gptq_reserve_is_measured_and_the_run_reports_its_compliance(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], RUN_ID="timed", MAX_WALLCLOCK_SECONDS=60, ITERATIONS=3,
+               GPTQ_CALIBRATION_BATCHES=3, MAX_TRAIN_VAL_OVERLAP=1)
+    main_in_process(monkeypatch, env)
+    log = (tmp_path / "logs" / "timed.txt").read_text()
+    record = json.loads((tmp_path / "logs" / "timed.json").read_text())
+    reserve = record["gptq_reserve"]
+    assert reserve["margin"] == 1.5 and reserve["reserve_s"] == pytest.approx(1.5 * reserve["estimate_s"], abs=1e-3)
+    assert reserve["estimate_s"] >= 3 * reserve["hessian_s_per_batch"] > 0
+    assert f"train_budget: {60000 - 1000 * reserve['reserve_s']:.0f}ms" in log
+    total = record["train_plus_gptq_ms"]
+    assert total == pytest.approx(record["train_time_ms"] + 1000 * record["gptq_total_s"], abs=1)
+    assert re.search(rf"^train\+gptq: {total:.0f}ms of 600000ms$", log, re.M)
+    checks = record["compliance"]
+    assert checks["train_plus_gptq_under_600s"] and checks["eval_under_600s"] and checks["artifact_under_16mb"]
+    assert checks["eval_ms"] == sum(record["metrics"][k] for k in tg.SCORED_EVAL_PHASES if k in record["metrics"])
+    assert checks["no_train_val_overlap"] == (record["data_check"]["overlap_docs"] == 0)
+
+
+def test_compliance_flags_each_limit():
+    ok = dict(train_plus_gptq_ms=599_000, total_bytes=16_000_000, data_check=dict(overlap_docs=0),
+              metrics=dict(post_quant_eval_ms=100_000, sliding_eval_ms=200_000, ttt_eval_ms=299_000, loops3_eval_ms=10**6))
+    assert all(v for k, v in tg.compliance(ok).items() if k != "eval_ms") and tg.compliance(ok)["eval_ms"] == 599_000
+    for change, key in ((dict(train_plus_gptq_ms=600_001), "train_plus_gptq_under_600s"),
+                        (dict(total_bytes=16_000_001), "artifact_under_16mb"),
+                        (dict(metrics=dict(ok["metrics"], ttt_eval_ms=300_001)), "eval_under_600s"),
+                        (dict(data_check=dict(overlap_docs=3)), "no_train_val_overlap"),
+                        (dict(data_check={}), "no_train_val_overlap")):
+        checks = tg.compliance({**ok, **change})
+        assert [k for k, v in checks.items() if v is False] == [key]
+
+
+def test_gptq_runs_its_matmuls_in_full_fp32_and_restores_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with tg.full_fp32_matmuls():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

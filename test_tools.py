@@ -286,7 +286,7 @@ def test_package_writes_a_complete_folder(sweep, tmp_path, capsys):
     assert sub["seed_results"]["1"]["artifact_bytes"] == result(sweep, "a_s1")["total_bytes"]
     assert sub["metric"] == "sliding_val_bpb" and sub["track"] == "track_non_record_16mb"
     checks = sub["compliance"]
-    assert checks["three_seeds"] and checks["train_under_600s"] and checks["artifact_under_16mb"]
+    assert checks["three_seeds"] and checks["train_plus_gptq_under_600s"] and checks["artifact_under_16mb"]
     assert checks["hardware_8xh100"] is False and checks["score_first_ttt"] is None
     assert checks["no_train_val_overlap"] is True
     assert sub["significance"]["significant"] and sub["significance"]["df"] == 2

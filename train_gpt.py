@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import brotli
 import numpy as np
@@ -51,6 +51,8 @@ LoopCounts = tuple[int, ...]
 # The challenge's hardware. The global batch is defined for it: a run on fewer GPUs accumulates
 # gradients over REFERENCE_GPUS // WORLD_SIZE micro-batches, so it optimizes the same objective.
 REFERENCE_GPUS = 8
+CHALLENGE_SECONDS = 600.0  # training (with GPTQ) and evaluation each get this much on REFERENCE_GPUS H100s
+SUBMISSION_LIMIT_BYTES = 16_000_000  # code + compressed model
 
 COMPRESSORS = ("brotli", "lzma")  # artifact coders (see the quantization & artifact section)
 
@@ -103,7 +105,10 @@ class Hyperparameters:
     # schedule
     iterations: int = knob(20000, "maximum optimizer steps")
     max_wallclock_seconds: float = knob(600.0, "training-time cap (0 = none; the schedule is then step-based)")
-    gptq_reserve_seconds: float = knob(12.0, "seconds of the cap reserved for Hessians + GPTQ (they count as training time)")
+    gptq_reserve_seconds: Optional[float] = knob(None, "seconds of the cap reserved for Hessians + GPTQ (they count as "
+                                                       "training time); unset: measured before training, see next")
+    gptq_reserve_margin: float = knob(1.5, "unset GPTQ_RESERVE_SECONDS = this x the Hessian + GPTQ time measured on one "
+                                           "calibration batch and one matrix of each shape")
     warmup_steps: int = knob(20, "compile warm-up steps, rolled back before training")
     warmdown_frac: float = knob(0.72, "final fraction of the budget with linearly decaying LR")
     min_lr: float = knob(0.0, "LR multiplier at the end of the warm-down")
@@ -143,7 +148,10 @@ class Hyperparameters:
     embed_bits: int = knob(8, "bits of the embedding")
     embed_clip_sigmas: float = knob(20.0, "embedding: row step = k·std(row)/(2^(bits−1)−1)")
     compressor: str = knob("brotli", "brotli (quality 11) or lzma")
-    allow_over_budget: bool = knob(False, "exploratory run: an artifact over 16,000,000 bytes is not an error")
+    allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
+    artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
+    budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
+    budget_fit_method: str = knob("clip", "how an artifact over budget is shrunk: clip (coarser SDClip steps) or prune (±1 codes)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(True, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -238,8 +246,10 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(0.0 <= hp.min_lr <= 1.0, "MIN_LR", "must be a multiplier in [0, 1]")
     need(0.0 <= hp.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
     need(hp.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", "must be >= 0")
-    need(hp.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS", "must be >= 0")
-    if hp.max_wallclock_seconds > 0:
+    need(hp.gptq_reserve_margin >= 1.0, "GPTQ_RESERVE_MARGIN", "must be >= 1 (the estimate is a measurement)")
+    if hp.gptq_reserve_seconds is not None:
+        need(hp.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS", "must be >= 0, or unset to measure it")
+    if hp.max_wallclock_seconds > 0 and hp.gptq_reserve_seconds is not None:
         need(hp.gptq_reserve_seconds < hp.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
              f"must leave training time inside MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
     micro_tokens = REFERENCE_GPUS * hp.train_seq_len
@@ -254,6 +264,11 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
     need(hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
     need(hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
+    need(0 < hp.artifact_limit_bytes <= SUBMISSION_LIMIT_BYTES, "ARTIFACT_LIMIT_BYTES",
+         f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
+    need(0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
+         f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
+    need(hp.budget_fit_method in FIT_METHODS, "BUDGET_FIT_METHOD", f"must be one of {', '.join(FIT_METHODS)}")
     if hp.sliding_window_enabled:
         need(0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
     need(hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
@@ -1553,13 +1568,16 @@ class Trainer:
             raise RuntimeError("LOOP_SAMPLE: ranks drew different loop counts")
         self.log(f"loop_counts: the {len(draws)} looped steps agree on all {self.rt.world_size} ranks")
 
-    def train(self, val: Validation) -> None:
+    def train(self, val: Validation, gptq_reserve_s: float) -> None:
+        """Train until ITERATIONS or until MAX_WALLCLOCK_SECONDS minus the GPTQ reserve; call warm_up first."""
         hp, log = self.hp, self.log
-        self.warm_up()
         ema = EMA(self.model, hp.ema_decay) if hp.ema_decay > 0 else None
-        budget_ms = 1000.0 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds > 0 else None
+        budget_ms = 1000.0 * (hp.max_wallclock_seconds - gptq_reserve_s) if hp.max_wallclock_seconds > 0 else None
         if budget_ms is not None:
-            log(f"train_budget: {budget_ms:.0f}ms (MAX_WALLCLOCK_SECONDS minus GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s)")
+            if budget_ms <= 0:
+                raise ConfigError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: leaves no training time after "
+                                  f"the GPTQ reserve of {gptq_reserve_s:.1f}s (set GPTQ_RESERVE_SECONDS)")
+            log(f"train_budget: {budget_ms:.0f}ms (MAX_WALLCLOCK_SECONDS minus the GPTQ reserve {gptq_reserve_s:.1f}s)")
         clock, record, stop = PausableClock(self.rt.device), TrainingRecord(), False
         # record.elapsed_ms is the slowest rank's training time after the previous step: every decision
         # below (looping, LR, stopping) reads it, so all ranks make the same decision at the same step.
@@ -1629,7 +1647,6 @@ def report_training(record: TrainingRecord, hp: Hyperparameters, rt: Runtime, lo
 # byte format, compression, and the 16,000,000-byte budget.
 # -----------------------------------------------------------------------------------------------
 
-SUBMISSION_LIMIT_BYTES = 16_000_000
 PASSTHROUGH_MAX_NUMEL = 65_536  # tensors this small (and every non-matrix) are stored as fp16
 ARTIFACT_MAGIC = b"PGQ1"
 ARTIFACT_PATH = "final_model.int6.ptz"
@@ -1750,6 +1767,221 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
         else:
             out[name] = dict(fp16=t.detach().half().cpu())
     return out
+
+
+# --- Budget fitter: shrink GPTQ's artifact until model + code fit ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES.
+# A shrinker maps a monotone "amount" (0 = GPTQ's own state) to a quantized state that compresses
+# smaller as the amount grows; the search measures exact compressed sizes, guided by a cheap
+# entropy estimate, and keeps the smallest amount that fits. (Growing an artifact that is under
+# budget would be a negative amount of the same kind.)
+
+FIT_METHODS = ("clip", "prune")
+FIT_MAX_TRIES = 4  # exact compressions after the first (brotli-11: ~0.4 MB/s of raw bytes on one loaded CPU core)
+FIT_OVERSHOOT = 0.01  # aim 1% (+256 bytes) past the needed saving, so that the first try usually fits
+FIT_ACCEPT = 0.03  # a fitting try that shaved at most 3% (+1 KB) more than needed ends the search
+
+
+@dataclasses.dataclass
+class Shrinker:
+    name: str
+    build: Callable[[int], dict[str, dict]]  # amount -> quantized state; build(0) is GPTQ's
+    estimate: Callable[[int], float]  # amount -> a fast estimate of the codes' size, in bytes
+    max_amount: int
+    describe: Callable[[int], str]  # amount -> what it did, for the log
+
+
+def entropy_bytes(quantized: dict[str, dict]) -> float:
+    """Order-0 entropy of every code, in bytes: a fast stand-in for how the codes' compressed size moves."""
+    total = 0.0
+    for q in quantized.values():
+        if "codes" in q:
+            counts = torch.bincount(q["codes"].flatten().long() + 128, minlength=256).double()
+            counts = counts[counts > 0]
+            total -= (counts * (counts / counts.sum()).log2()).sum().item() / 8
+    return total
+
+
+def prune_shrinker(quantized: dict[str, dict], hessians: dict[str, Tensor]) -> Shrinker:
+    """Selective ±1 pruning: amount n zeroes the n codes of magnitude 1 whose loss is cheapest.
+
+    Zeroing code q at (row i, column j) moves the weight by scale_i, which raises the layer's
+    output error E[(Δw·x)²] by about scale_i²·H_jj; candidates are ranked once by that cost.
+    Without a Hessian (round-to-nearest) every column counts alike.
+    """
+    names, index, cost = [], [], []
+    for name, q in quantized.items():
+        if "codes" in q:
+            codes = q["codes"]
+            flat = (codes.abs() == 1).flatten().nonzero().squeeze(1)
+            h = hessians.get(name)
+            diag = h.diagonal().float().cpu() if h is not None else torch.ones(codes.shape[1])
+            cost.append(q["scale"].float()[flat // codes.shape[1]] ** 2 * diag[flat % codes.shape[1]])
+            index.append(flat)
+            names.append(name)
+    total = sum(len(c) for c in cost)
+    # rank of every candidate in the global cheapest-first order, kept per tensor (ascending) with its index
+    rank = torch.empty(total, dtype=torch.long)
+    rank[torch.argsort(torch.cat(cost), stable=True) if cost else rank] = torch.arange(total)
+    ranks, start = [], 0
+    for k, flat in enumerate(index):
+        mine, order = rank[start:start + len(flat)].sort()
+        ranks.append(mine)
+        index[k] = flat[order]
+        start += len(flat)
+
+    def build(n: int) -> dict[str, dict]:
+        out = dict(quantized)
+        for name, mine, flat in zip(names, ranks, index):
+            count = int(torch.searchsorted(mine, n))  # this tensor's candidates among the n cheapest
+            if count:
+                codes = quantized[name]["codes"].clone()
+                codes.view(-1)[flat[:count]] = 0
+                out[name] = dict(quantized[name], codes=codes)
+        return out
+
+    return Shrinker("prune", build, lambda n: entropy_bytes(build(n)), total,
+                    lambda n: f"zeroed {n} of {total} ±1 codes")
+
+
+CLIP_STEP = 0.01  # amount n of the clip shrinker multiplies every clip sigma by 1 + n * CLIP_STEP
+CLIP_MAX_AMOUNT = 200  # up to 3x the configured clip sigmas
+
+
+def clip_shrinker(model: GPT, hessians: dict[str, Tensor], quantized: dict[str, dict], hp: Hyperparameters) -> Shrinker:
+    """Coarser SDClip steps: amount n re-runs GPTQ with every clip sigma times 1 + n * CLIP_STEP.
+
+    A larger step leaves fewer distinct codes, so the codes compress smaller. The estimate uses
+    round-to-nearest codes, whose entropy moves like GPTQ's but costs no GPTQ run per guess.
+    """
+    def scaled(n: int) -> Hyperparameters:
+        factor = 1 + n * CLIP_STEP
+        return dataclasses.replace(hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor,
+                                   embed_clip_sigmas=hp.embed_clip_sigmas * factor)
+
+    def build(n: int) -> dict[str, dict]:
+        return quantized if n == 0 else quantize_state(model, hessians, scaled(n))
+
+    return Shrinker("clip", build, lambda n: entropy_bytes(quantize_state(model, {}, scaled(n))), CLIP_MAX_AMOUNT,
+                    lambda n: f"clip sigmas x{1 + n * CLIP_STEP:.2f} (MATRIX_CLIP_SIGMAS {scaled(n).matrix_clip_sigmas:.4g}, "
+                              f"EMBED_CLIP_SIGMAS {scaled(n).embed_clip_sigmas:.4g})")
+
+
+def added_error(before: dict[str, dict], after: dict[str, dict], hessians: dict[str, Tensor]) -> float:
+    """Sum of (Δw)²·H_jj over the matrices that changed: the diagonal estimate of the added output error."""
+    total = 0.0
+    for name, q in after.items():
+        if "codes" in q and q is not before[name]:
+            delta = dequantize(q["codes"], q["scale"]) - dequantize(before[name]["codes"], before[name]["scale"])
+            h = hessians.get(name)
+            diag = h.diagonal().float().cpu() if h is not None else torch.ones(delta.shape[1])
+            total += (delta ** 2 * diag[None, :]).sum().item()
+    return total
+
+
+def amount_for_estimate(shrinker: Shrinker, wanted: float, low: int, high: int) -> int:
+    """Smallest amount in (low, high] whose entropy estimate is at most `wanted` (bisection; high if none)."""
+    while high - low > 1:
+        mid = (low + high) // 2
+        if shrinker.estimate(mid) <= wanted:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def next_amount(shrinker: Shrinker, lo: dict, hi: Optional[dict], aim: int) -> int:
+    """The amount whose entropy estimate should compress to `aim` bytes, judged from the measured points.
+
+    Below the first fitting point the estimate is extrapolated from `lo` with the ratio of real to
+    estimated saving seen there; inside a bracket it is interpolated between the two measured ends,
+    and kept in the bracket's middle half so that a compressor that is not smooth in the amount
+    still halves the bracket every two tries.
+    """
+    if hi is None:
+        ratio = max(lo["saved"] / lo["estimate_saved"], 1e-3) if lo["estimate_saved"] > 0 else 1.0
+        wanted = lo["estimate"] - (lo["bytes"] - aim) / ratio
+        return amount_for_estimate(shrinker, wanted, lo["amount"], shrinker.max_amount)
+    f = (lo["bytes"] - aim) / max(lo["bytes"] - hi["bytes"], 1)
+    wanted = lo["estimate"] - f * (lo["estimate"] - hi["estimate"])
+    amount = amount_for_estimate(shrinker, wanted, lo["amount"], hi["amount"])
+    quarter = (hi["amount"] - lo["amount"]) // 4
+    return min(max(amount, lo["amount"] + max(quarter, 1)), hi["amount"] - quarter)
+
+
+def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budget: int) -> Optional[dict]:
+    """Smallest amount found whose compressed model is at most `budget` bytes, in at most FIT_MAX_TRIES
+    exact compressions (+1 for the maximum amount if nothing smaller fitted). None: even the maximum does not fit.
+
+    Aims FIT_OVERSHOOT past the needed saving; stops at a fitting try that shaved at most FIT_ACCEPT
+    more than needed, or when the bracket is one amount wide.
+    """
+    need = base_bytes - budget
+    base_estimate = shrinker.estimate(0)
+    aim = base_bytes - round(need * (1 + FIT_OVERSHOOT) + 256)
+    lo = dict(amount=0, bytes=base_bytes, estimate=base_estimate, saved=0, estimate_saved=0.0)
+    hi, tries = None, 0
+
+    def measure(amount: int) -> dict:
+        quantized = shrinker.build(amount)
+        blob = serialize_artifact(quantized, hp)
+        estimate = shrinker.estimate(amount)
+        return dict(amount=amount, bytes=len(blob), estimate=estimate, saved=base_bytes - len(blob),
+                    estimate_saved=base_estimate - estimate, quantized=quantized, blob=blob)
+
+    while tries < FIT_MAX_TRIES and (hi is None or hi["amount"] - lo["amount"] > 1):
+        point = measure(next_amount(shrinker, lo, hi, aim))
+        tries += 1
+        if point["bytes"] <= budget:
+            hi = point
+            if point["saved"] <= need * (1 + FIT_ACCEPT) + 1024:
+                break
+        elif point["amount"] == shrinker.max_amount:
+            return None
+        else:
+            lo = point
+    if hi is None:  # out of tries below the maximum: the maximum is the one amount left to try
+        hi, tries = measure(shrinker.max_amount), tries + 1
+        if hi["bytes"] > budget:
+            return None
+    return dict(amount=hi["amount"], quantized=hi["quantized"], blob=hi["blob"], tries=tries)
+
+
+def fit_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
+                  code_bytes: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
+    """GPTQ's state and its compressed bytes, shrunk by BUDGET_FIT_METHOD if model + code exceed limit - margin.
+
+    Under the target (or with ALLOW_OVER_BUDGET=1) GPTQ's bytes are returned untouched. If even
+    the method's maximum amount does not fit, GPTQ's bytes are returned too and the run's budget
+    check reports the overrun. Every rank computes the same result (GPTQ and compression are
+    deterministic), and every rank reads back the file rank 0 writes.
+    """
+    t0 = time.perf_counter()
+    blob = serialize_artifact(quantized, hp)
+    target = hp.artifact_limit_bytes - hp.budget_margin_bytes
+    report = dict(limit=hp.artifact_limit_bytes, margin=hp.budget_margin_bytes, target=target,
+                  before=len(blob) + code_bytes, after=len(blob) + code_bytes, method="none", amount=0, tries=0)
+    if report["before"] <= target or hp.allow_over_budget:
+        why = "ALLOW_OVER_BUDGET=1" if report["before"] > target else f"<= target {target}"
+        log(f"budget_fit: {report['before']} bytes {why} (limit {hp.artifact_limit_bytes} - margin "
+            f"{hp.budget_margin_bytes}); artifact unchanged")
+        return quantized, blob, report
+    shrinker = (clip_shrinker(model, hessians, quantized, hp) if hp.budget_fit_method == "clip"
+                else prune_shrinker(quantized, hessians))
+    found = search_amount(shrinker, hp, len(blob), target - code_bytes)
+    report.update(seconds=round(time.perf_counter() - t0, 2), max_amount=shrinker.max_amount)
+    if found is None:
+        report.update(method="failed")
+        log(f"budget_fit: CANNOT FIT: {report['before']} bytes > target {target}, and the most {shrinker.name} "
+            f"can do ({shrinker.describe(shrinker.max_amount)}) does not fit either; artifact unchanged ({report['seconds']}s)")
+        return quantized, blob, report
+    cost = added_error(quantized, found["quantized"], hessians)
+    report.update(method=shrinker.name, amount=found["amount"], tries=found["tries"], after=len(found["blob"]) + code_bytes,
+                  hessian_error=cost)
+    log(f"budget_fit: limit {hp.artifact_limit_bytes} - margin {hp.budget_margin_bytes} = target {target}; "
+        f"before {report['before']} after {report['after']} bytes (shaved {report['before'] - report['after']}); "
+        f"method {shrinker.name}: {shrinker.describe(found['amount'])}; predicted cost: "
+        f"Hessian-weighted squared error {cost:.4g}; {found['tries']} compressions in {report['seconds']}s")
+    return found["quantized"], found["blob"], report
 
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
@@ -1877,34 +2109,51 @@ def describe_quantization(quantized: dict[str, dict]) -> list[str]:
     return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
 
 
-def build_artifact(model: GPT, calibration: Iterator[Tensor], code_bytes: int, hp: Hyperparameters,
-                   rt: Runtime, log: RunLog) -> dict:
-    """Hessians over the calibration batches -> GPTQ -> bytes -> file (rank 0); logs sizes and times."""
+@contextlib.contextmanager
+def full_fp32_matmuls():
+    """GPTQ's Cholesky factors and error propagation need fp32, not the TF32 that training enables on CUDA."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def quantize_with_gptq(model: GPT, calibration: Iterator[Tensor], hp: Hyperparameters, rt: Runtime,
+                       log: RunLog) -> tuple[dict[str, dict], dict[str, Tensor], dict]:
+    """Hessians over the calibration batches, then GPTQ: the part of the artifact that counts as training."""
     t0 = time.perf_counter()
-    with model.looping(hp.num_loops):  # calibrate the graph that is evaluated
+    with full_fp32_matmuls(), model.looping(hp.num_loops):  # calibrate the graph that is evaluated
         hessians = collect_hessians(model, calibration, rt) if hp.gptq_calibration_batches else {}
-    synchronize(rt.device)
-    hessian_s = time.perf_counter() - t0
-    log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
-    t1 = time.perf_counter()
-    quantized = quantize_state(model, hessians, hp)
+        synchronize(rt.device)
+        hessian_s = time.perf_counter() - t0
+        log(f"GPTQ:collected {len(hessians)} Hessians in {hessian_s:.1f}s")
+        t1 = time.perf_counter()
+        quantized = quantize_state(model, hessians, hp)
+        synchronize(rt.device)
     quant_s = time.perf_counter() - t1
-    log(f"GPTQ:quantized in {quant_s:.1f}s; Hessians + GPTQ took {hessian_s + quant_s:.1f}s "
-        f"of GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g}s")
-    if hp.max_wallclock_seconds > 0 and hessian_s + quant_s > hp.gptq_reserve_seconds:
-        log("WARNING: Hessians + GPTQ overran GPTQ_RESERVE_SECONDS: training + quantization exceeded MAX_WALLCLOCK_SECONDS")
+    log(f"GPTQ:quantized in {quant_s:.1f}s; Hessians + GPTQ took {hessian_s + quant_s:.1f}s")
     for line in describe_quantization(quantized):
         log(line)
-    t2 = time.perf_counter()
-    blob = serialize_artifact(quantized, hp)
-    serialize_s = time.perf_counter() - t2
+    return quantized, hessians, dict(gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
+                                     gptq_total_s=round(hessian_s + quant_s, 3))
+
+
+def build_artifact(model: GPT, calibration: Iterator[Tensor], code_bytes: int, hp: Hyperparameters,
+                   rt: Runtime, log: RunLog) -> dict:
+    """GPTQ -> bytes fitted to the budget -> file (rank 0); logs sizes and times, returns them."""
+    quantized, hessians, times = quantize_with_gptq(model, calibration, hp, rt, log)
+    t0 = time.perf_counter()
+    with full_fp32_matmuls():  # the `clip` fitter runs GPTQ again
+        quantized, blob, budget_fit = fit_to_budget(model, quantized, hessians, hp, code_bytes, log)
+    serialize_s = time.perf_counter() - t0
     if rt.is_main:
         Path(ARTIFACT_PATH).write_bytes(blob)
     if rt.distributed:
         dist.barrier()
     sizes = report_sizes(Path(ARTIFACT_PATH).stat().st_size, code_bytes, hp, log)
-    return dict(**sizes, gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
-                serialize_s=round(serialize_s, 3), gptq_total_s=round(hessian_s + quant_s, 3))
+    return dict(**sizes, **times, serialize_s=round(serialize_s, 3), budget_fit=budget_fit)
 
 
 def report_sizes(model_bytes: int, code_bytes: int, hp: Hyperparameters, log: RunLog) -> dict:
@@ -1913,12 +2162,50 @@ def report_sizes(model_bytes: int, code_bytes: int, hp: Hyperparameters, log: Ru
     log(f"Serialized model quantized+{hp.compressor}: {model_bytes} bytes")
     log(f"Code size: {code_bytes} bytes")
     log(f"Total submission size quantized+{hp.compressor}: {total} bytes")
-    over = total > SUBMISSION_LIMIT_BYTES
+    over = total > hp.artifact_limit_bytes
     if over:
-        log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {SUBMISSION_LIMIT_BYTES} "
-            f"(by {total - SUBMISSION_LIMIT_BYTES}); not a valid submission"
+        log(f"ERROR: ARTIFACT OVER BUDGET: {total} bytes > {hp.artifact_limit_bytes} "
+            f"(by {total - hp.artifact_limit_bytes}); not a valid submission"
             + (" (ALLOW_OVER_BUDGET=1: exploratory run)" if hp.allow_over_budget else ""))
     return dict(artifact_bytes=model_bytes, code_bytes=code_bytes, total_bytes=total, artifact_over_budget=over)
+
+
+def measure_gptq_reserve(model: GPT, batch: Tensor, hp: Hyperparameters, rt: Runtime) -> dict:
+    """The seconds Hessians + GPTQ will take, measured before the clock starts: one calibration batch and
+    one matrix of each shape are timed and scaled to GPTQ_CALIBRATION_BATCHES batches and every matrix
+    (the first call of each also pays one-time costs, so this errs long). The slowest rank's figure."""
+    t0 = time.perf_counter()
+    with full_fp32_matmuls(), model.looping(hp.num_loops):
+        hessians = collect_hessians(model, iter([batch]), rt)
+        synchronize(rt.device)
+        per_batch = time.perf_counter() - t0
+        state, shapes = model.state_dict(), {}
+        for name, h in hessians.items():
+            shapes.setdefault((tuple(state[name].shape), quant_settings(name, hp)), []).append(name)
+        gptq = 0.0
+        for (_, (bits, sigmas)), names in shapes.items():
+            t1 = time.perf_counter()
+            gptq_quantize(state[names[0]], hessians[names[0]], bits, sigmas)
+            synchronize(rt.device)
+            gptq += (time.perf_counter() - t1) * len(names)
+    estimate = torch.tensor([per_batch * hp.gptq_calibration_batches + gptq], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(estimate, op=dist.ReduceOp.MAX)
+    return dict(hessian_s_per_batch=round(per_batch, 3), gptq_s=round(gptq, 3), estimate_s=round(estimate.item(), 3))
+
+
+def gptq_reserve_seconds(trainer: Trainer, hp: Hyperparameters, rt: Runtime, log: RunLog) -> float:
+    """GPTQ_RESERVE_SECONDS, or when it is unset the measured estimate times GPTQ_RESERVE_MARGIN."""
+    if hp.max_wallclock_seconds <= 0 or hp.gptq_reserve_seconds is not None:
+        return hp.gptq_reserve_seconds or 0.0
+    batch = next(trainer.calibration_batches(1))
+    measured = measure_gptq_reserve(trainer.model, batch, hp, rt)
+    reserve = measured["estimate_s"] * hp.gptq_reserve_margin
+    trainer.loader = trainer.new_loader()  # the measurement's batch is not taken from training
+    log(f"gptq_reserve: {reserve:.1f}s = {hp.gptq_reserve_margin:g} x measured {measured['estimate_s']:.1f}s "
+        f"({measured['hessian_s_per_batch']:.2f}s/batch x {hp.gptq_calibration_batches} + GPTQ {measured['gptq_s']:.1f}s)")
+    log.update(gptq_reserve=dict(measured, margin=hp.gptq_reserve_margin, reserve_s=round(reserve, 3)))
+    return reserve
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2149,6 +2436,11 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, 
     return loss, bpb, ms
 
 
+# The evaluations a submission's score needs, whose time counts against CHALLENGE_SECONDS (EVAL_LOOPS's
+# extra scores are diagnostics and do not count).
+SCORED_EVAL_PHASES = ("post_quant_eval_ms", "sliding_eval_ms", "ttt_eval_ms")
+
+
 def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyperparameters, rt: Runtime,
                       log: RunLog) -> None:
     """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT."""
@@ -2198,9 +2490,22 @@ def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
     log.metric(pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb, pre_quant_eval_ms=pre_ms)
     artifact = build_artifact(trainer.model, trainer.calibration_batches(hp.gptq_calibration_batches), code_bytes,
                               hp, rt, log)
-    log.update(**artifact)
+    train_plus_gptq_ms = log.result["train_time_ms"] + 1000.0 * artifact["gptq_total_s"]
+    log(f"train+gptq: {train_plus_gptq_ms:.0f}ms of {1000.0 * CHALLENGE_SECONDS:.0f}ms")
+    log.update(**artifact, train_plus_gptq_ms=round(train_plus_gptq_ms))
     evaluate_artifact(Path(ARTIFACT_PATH), val, pre_bpb, hp, rt, log)
+    log.update(compliance=compliance(log.result))
     return not artifact["artifact_over_budget"] or hp.allow_over_budget
+
+
+def compliance(result: dict) -> dict:
+    """The challenge's limits, checked on this run's own numbers (tools/package_record.py reads them)."""
+    metrics = result["metrics"]
+    eval_ms = sum(metrics.get(k, 0) for k in SCORED_EVAL_PHASES)
+    return dict(train_plus_gptq_under_600s=result["train_plus_gptq_ms"] <= 1000.0 * CHALLENGE_SECONDS,
+                eval_under_600s=eval_ms <= 1000.0 * CHALLENGE_SECONDS, eval_ms=eval_ms,
+                artifact_under_16mb=result["total_bytes"] <= SUBMISSION_LIMIT_BYTES,
+                no_train_val_overlap=result.get("data_check", {}).get("overlap_docs") == 0)
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> bool:
@@ -2216,7 +2521,8 @@ def run(hp: Hyperparameters, rt: Runtime) -> bool:
         trainer = Trainer(hp, rt, log)
         log_model(trainer.model, log)
         log(f"train_shards: {len(trainer.train_files)} val_tokens: {len(val.tokens) - 1}")
-        trainer.train(val)
+        trainer.warm_up()
+        trainer.train(val, gptq_reserve_seconds(trainer, hp, rt, log))
         within_budget = post_training(trainer, val, counted.size)
         log.update(status="completed" if within_budget else "over_budget")
         return within_budget
@@ -2236,7 +2542,7 @@ def main() -> None:
         if rt.distributed:
             dist.barrier()  # no rank tears the process group down while another is still finishing
         if not within_budget:
-            sys.exit(f"train_gpt.py: the submission is over {SUBMISSION_LIMIT_BYTES} bytes (see the log); "
+            sys.exit(f"train_gpt.py: the submission is over {hp.artifact_limit_bytes} bytes (see the log); "
                      "set ALLOW_OVER_BUDGET=1 for an exploratory run")
     except DataError as exc:
         sys.exit(f"train_gpt.py: data error: {exc}")
