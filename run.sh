@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, on whatever machine this is.
 #
-# With NVIDIA GPUs: fetch the challenge's sp8192 FineWeb into data/ (unless it is there) and train the
-# default (record-stack) configuration on every GPU under the 600 s cap, from the packed script
+# With NVIDIA GPUs: require a working FlashAttention 3 (tools/gpu_doctor.py --fa3-only; ATTN_BACKEND=sdpa opts
+# out), fetch the challenge's sp8192 FineWeb into data/ (unless it is there) and train the default
+# (record-stack) configuration on every GPU under the 600 s cap, from the packed script
 # (tools/pack_code.py, written to ./packed/train_gpt.py) whose bytes are the ones a submission counts:
 #     torchrun --standalone --nproc_per_node=<GPUs> packed/train_gpt.py
 # Without GPUs (or without hub access): build a small real-English dataset from the documentation that
@@ -15,6 +16,17 @@ here=$(cd "$(dirname "$0")" && pwd)
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 
 if (( gpus > 0 )); then
+  # FlashAttention 3 is required on GPUs: a missing or pre-mid-2025 build (flash_attn_func returning (out, lse),
+  # not traceable by torch.compile) must stop the run here, not fall back to slower SDPA or fail mid-run.
+  # ATTN_BACKEND=sdpa opts out and trains with PyTorch SDPA.
+  if [[ ${ATTN_BACKEND:-auto} != sdpa ]]; then
+    if ! python3 "$here/tools/gpu_doctor.py" --fa3-only; then
+      echo "run.sh: FlashAttention 3 failed the check above; install a current build for this torch/CUDA," \
+        "or set ATTN_BACKEND=sdpa to train with PyTorch SDPA" >&2
+      exit 1
+    fi
+    export ATTN_BACKEND=fa3
+  fi
   : "${DATA_DIR:=$here/data}"
   export DATA_DIR
   if [[ ! -f $DATA_DIR/tokenizers/fineweb_${VOCAB_SIZE:-8192}_bpe.model ]]; then

@@ -281,18 +281,33 @@ def test_run_sh_builds_a_demo_dataset_and_trains_on_cpu(tmp_path):
     assert bpb < 0.8 * uniform
 
 
-@pytest.mark.slow
-def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_data, tmp_path):
-    # A stand-in nvidia-smi takes run.sh down its GPU branch; the data is already there, so nothing is
-    # downloaded, and train_gpt.py itself still runs on the CPU with a small configuration.
+def stand_in_gpu_env(tmp_path: Path, **env) -> dict:
+    """A stand-in nvidia-smi that takes run.sh down its GPU branch (torch itself still sees no GPU)."""
     (tmp_path / "bin").mkdir()
     fake = tmp_path / "bin" / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\n")
     fake.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update({k: str(v) for k, v in E2E.items()})
-    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", DATA_DIR=str(tiny_data["root"]), RUN_ID="gpu_branch",
-               ITERATIONS="4", MAX_WALLCLOCK_SECONDS="0", SLIDING_WINDOW_ENABLED="0", OMP_NUM_THREADS="1")
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ATTN_BACKEND")}
+    full.update(PATH=f"{tmp_path / 'bin'}:{full['PATH']}", OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
+    return full
+
+
+def test_run_sh_on_a_gpu_machine_refuses_to_run_without_flash_attention_3(tmp_path):
+    # No CUDA here, so the FA3 check cannot pass: the GPU branch stops before downloading or training.
+    result = subprocess.run(["bash", str(REPO / "run.sh")], cwd=tmp_path, env=stand_in_gpu_env(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "| fa3 | import | SKIP: no CUDA device" in result.stdout
+    assert "set ATTN_BACKEND=sdpa to train with PyTorch SDPA" in result.stderr
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow
+def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_data, tmp_path):
+    # ATTN_BACKEND=sdpa opts out of the FA3 requirement; the data is already there, so nothing is
+    # downloaded, and train_gpt.py itself still runs on the CPU with a small configuration.
+    env = stand_in_gpu_env(tmp_path, **{**E2E, "ITERATIONS": 4, "MAX_WALLCLOCK_SECONDS": 0}, DATA_DIR=tiny_data["root"],
+                           RUN_ID="gpu_branch", SLIDING_WINDOW_ENABLED=0, ATTN_BACKEND="sdpa")
     result = subprocess.run(["bash", str(REPO / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from conftest import E2E, REPO, SCRIPT, run_script
+from conftest import E2E, REPO, SCRIPT, hparams, run_script
 
 TOOLS = Path(__file__).resolve().parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import gpu_doctor  # noqa: E402
 import knob_table  # noqa: E402
 import pack_code  # noqa: E402
 import package_record  # noqa: E402
@@ -368,7 +369,7 @@ def test_significance_converts_bpb_to_nats_with_the_logged_ratio():
 
 
 def test_every_tool_has_help():
-    for tool in ("summarize_runs.py", "plot_runs.py", "package_record.py", "pack_code.py"):
+    for tool in ("summarize_runs.py", "plot_runs.py", "package_record.py", "pack_code.py", "gpu_doctor.py"):
         out = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, tool
 
@@ -392,3 +393,74 @@ def test_knob_table_check_fails_on_a_stale_readme(tmp_path, capsys):
     assert knob_table.main(["--write", str(tmp_path / "README.md")]) == 0
     assert (tmp_path / "README.md").read_text() == "intro\n" + table + "\nrest\n"
     assert knob_table.main(["--check", str(tmp_path / "README.md")]) == 0
+
+
+# --- the GPU doctor (on CPU: the tiny shape, FA3 skipped) -----------------------------------------
+
+
+def test_gpu_doctor_runs_the_tiny_shape_end_to_end_and_writes_its_json(tmp_path, capsys, monkeypatch):
+    for name in [f.name.upper() for f in tg.dataclasses.fields(tg.Hyperparameters)]:
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "doctor.json"
+    assert gpu_doctor.main(["--json", str(out), "--warmup-steps", "2", "--timed-steps", "2", "--val-tokens", "1024",
+                            "--workdir", str(tmp_path / "work")]) == 0
+    report = json.loads(out.read_text())
+    assert report["shape"] == "tiny" and report["hyperparameters"]["vocab_size"] == gpu_doctor.TINY["VOCAB_SIZE"]
+    assert [(c["name"], c["status"]) for c in report["fa3"]] == [
+        ("import", "SKIP"), ("matches_sdpa", "SKIP"), ("returns_tensor", "SKIP"), ("compiles", "SKIP")]
+    assert all("no CUDA device" in c["reason"] for c in report["fa3"])
+    training = report["training"]
+    assert training["grad_accum_steps"] == 8 and set(training["per_loop_count"]) == {"0", "1"}
+    for row in training["per_loop_count"].values():
+        assert row["tokens_per_s"] == pytest.approx(2048 / (row["ms_per_step"] / 1000), rel=1e-3)
+        assert row["graphs_compiled_after_warmup"] == 0
+    # the eager loss path stores the tanh output and the log-softmax output: two fp32 logits-sized copies
+    assert report["logits_memory"]["stored_copies"] == 2 and report["logits_memory"]["stored_dtypes"] == ["float32"] * 2
+    assert report["gptq"]["gptq_total_s"] >= 0 and (tmp_path / "work" / tg.ARTIFACT_PATH).is_file()
+    assert report["evaluation"]["val_tokens"] == 1024
+    assert set(report["evaluation"]["phases"]) == {"quantized", "quantized_sliding_window"}
+    assert [v["name"] for v in report["verdicts"]] == ["train_600s", "gptq_reserve", "eval_600s"]
+    table = capsys.readouterr().out
+    assert "| fa3 | compiles | SKIP: no CUDA device" in table and "| verdict | eval_600s |" in table
+
+
+def test_gpu_doctor_fa3_only_fails_without_a_gpu(capsys):
+    assert gpu_doctor.main(["--fa3-only"]) == (0 if tg.torch.cuda.is_available() else 1)
+    assert "| fa3 | import |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("env, plain_ms, looped_ms, expected", [
+    # looping at half of 1000 ms: 50 plain steps of 10 ms, then ceil(500/30) = 17 looped (the last overruns)
+    (dict(ENABLE_LOOPING_AT=0.5), 10.0, 30.0, 50 + 17),
+    # a step starts while time is left, so the last one overruns: ceil(1000/300) = 4
+    (dict(NUM_LOOPS=0), 300.0, 999.0, 4),
+    # looping at step 10: 10 plain steps (100 ms), then ceil(900/30) = 30 looped
+    (dict(ENABLE_LOOPING_AT_STEP=10), 10.0, 30.0, 40),
+    # the step is never reached within the budget: all plain
+    (dict(ENABLE_LOOPING_AT_STEP=500), 10.0, 30.0, 100),
+])
+def test_projected_train_steps_follows_the_looping_schedule(env, plain_ms, looped_ms, expected):
+    assert gpu_doctor.projected_train_steps(1000.0, plain_ms, looped_ms, hparams(**env)) == expected
+
+
+def test_projection_divides_by_eight_and_scales_eval_to_the_fineweb_validation_set():
+    hp = hparams(MAX_WALLCLOCK_SECONDS=600, GPTQ_RESERVE_SECONDS=12, ENABLE_LOOPING_AT=0.5, LOOP_SAMPLE="1,3")
+    training = {"per_loop_count": {"0": {"ms_per_step": 800.0}, "1": {"ms_per_step": 960.0},
+                                   "3": {"ms_per_step": 1280.0}}}
+    train = gpu_doctor.project_training(training, hp, gpu_doctor.gptq_reserve(hp, 12.5))
+    assert (train["ms_per_step_8x_plain"], train["ms_per_step_8x_looped"]) == (100.0, 140.0)  # mean of 120 and 160
+    assert train["train_budget_s"] == 588 and train["steps"] == 2940 + 2100  # 294 s at 100 ms, 294 s at 140 ms
+    evals = {"val_tokens": gpu_doctor.FINEWEB_VAL_TOKENS // 10, "artifact_load_s": 2.0,
+             "phases": {"quantized": {"compile_s_estimate": 30.0, "warm_s": 4.0},
+                        "quantized_sliding_window": {"compile_s_estimate": 20.0, "warm_s": 40.0}}}
+    projected = gpu_doctor.project_eval(evals)
+    assert projected["phases_s"] == {"quantized": 35.0, "quantized_sliding_window": 70.0}  # compile + warm * 10 / 8
+    assert projected["total_s"] == 107.0
+    status = {v.name: v.status for v in gpu_doctor.verdicts(train, {"gptq_total_s": 12.5}, projected, hp)}
+    assert status == {"train_600s": "PASS", "gptq_reserve": "FAIL", "eval_600s": "PASS"}
+    slow = dict(train, steps=gpu_doctor.MIN_STEPS - 1)
+    status = {v.name: v.status for v in gpu_doctor.verdicts(slow, {"gptq_total_s": 12.0}, dict(projected, total_s=601), hp)}
+    assert status == {"train_600s": "FAIL", "gptq_reserve": "PASS", "eval_600s": "FAIL"}
+    measured = hparams(MAX_WALLCLOCK_SECONDS=600, ENABLE_LOOPING_AT=0.5, LOOP_SAMPLE="1,3")  # unset: the run reserves 1.5 x its measurement
+    assert gpu_doctor.gptq_reserve(measured, 10.0) == 15.0
+    assert gpu_doctor.project_training(training, measured, 15.0)["train_budget_s"] == 585
