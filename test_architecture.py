@@ -2,11 +2,8 @@
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ import torch
 import train_gpt as tg
 from data.build_dataset import write_shard
 
-from conftest import E2E, REPO, SCRIPT, hparams, loop_plan, randomize, run_script, small_model
+from conftest import E2E, SCRIPT, hparams, loop_plan, randomize, run_script, small_model
 
 def layers(plan):
     return [layer for layer, _ in plan]

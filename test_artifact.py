@@ -4,14 +4,13 @@ import json
 import math
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import E2E, SCRIPT, hparams, randomize, run_script, small_model
+from conftest import E2E, SCRIPT, hparams, randomize, run_script
 
 CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
                  attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
@@ -240,7 +239,7 @@ def test_clip_fitter_requantizes_with_coarser_steps():
                                           (dict(BUDGET_FIT_METHOD="trim"), "BUDGET_FIT_METHOD='trim': must be one of clip, prune")])
 def test_budget_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
-        tg.validate(hparams(**env), 1)
+        tg.check_config(hparams(**env), 1)
 
 
 # --- sliding window and score-first TTT ----------------------------------------------------------

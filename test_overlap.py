@@ -5,7 +5,6 @@ record packager refuse overlapping data."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 

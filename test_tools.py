@@ -6,7 +6,6 @@ to make the logs the tools read.
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -172,13 +171,7 @@ def test_packed_script_is_the_two_line_wrapper_of_the_minified_source():
 def test_packed_script_imports_with_the_same_hyperparameters_and_module_identity(tmp_path):
     packed = tmp_path / "wrapped.py"
     assert pack_code.main([str(SCRIPT), "-o", str(packed)]) == 0
-    spec = importlib.util.spec_from_file_location("wrapped_train_gpt", packed)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules[spec.name]
+    module = package_record.import_script(packed, "wrapped_train_gpt")
     assert module.__name__ == "wrapped_train_gpt" and module.__file__ == str(packed)
     assert module.Hyperparameters.__module__ == "wrapped_train_gpt"
 

@@ -55,6 +55,7 @@ CHALLENGE_SECONDS = 600.0  # training (with GPTQ) and evaluation each get this m
 SUBMISSION_LIMIT_BYTES = 16_000_000  # code + compressed model
 
 COMPRESSORS = ("brotli", "lzma")  # artifact coders (see the quantization & artifact section)
+FIT_METHODS = ("clip", "prune")  # how the budget fitter shrinks an artifact (same section)
 
 
 def knob(default, doc: str):
@@ -1775,7 +1776,6 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
 # entropy estimate, and keeps the smallest amount that fits. (Growing an artifact that is under
 # budget would be a negative amount of the same kind.)
 
-FIT_METHODS = ("clip", "prune")
 FIT_MAX_TRIES = 4  # exact compressions after the first (brotli-11: ~0.4 MB/s of raw bytes on one loaded CPU core)
 FIT_OVERSHOOT = 0.01  # aim 1% (+256 bytes) past the needed saving, so that the first try usually fits
 FIT_ACCEPT = 0.03  # a fitting try that shaved at most 3% (+1 KB) more than needed ends the search

@@ -195,15 +195,21 @@ def verdict(sig: dict) -> str:
 # --- folder ------------------------------------------------------------------------------------
 
 
-def script_defaults(script: Path) -> dict:
-    """The recorded script's own knob defaults (it is imported, not run)."""
-    spec = importlib.util.spec_from_file_location("recorded_train_gpt", script)
+def import_script(script: Path, name: str):
+    """A script imported as module `name` (not run: its main() stays uncalled)."""
+    spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     try:
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+def script_defaults(script: Path) -> dict:
+    """The recorded script's own knob defaults."""
+    module = import_script(script, "recorded_train_gpt")
     return {f.name: f.default for f in dataclasses.fields(module.Hyperparameters)}
 
 

@@ -6,7 +6,6 @@
 Both phases read the knobs from the environment like train_gpt.py (see README.md here for the command).
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -25,24 +24,23 @@ def setup() -> tuple[tg.Hyperparameters, tg.Runtime, tg.RunLog, tg.Validation]:
     hp = tg.Hyperparameters.from_env(os.environ)
     rt = tg.init_runtime(hp, os.environ)
     log = tg.RunLog(hp, rt, Path(tg.__file__).read_text())
-    val = tg.Validation(tg.load_validation_tokens(hp), tg.byte_counts(tg.load_tokenizer(hp)))
+    val = tg.load_validation(hp, tg.load_tokenizer(hp), log)
     return hp, rt, log, val
 
 
 def train(out: Path) -> None:
     hp, rt, log, val = setup()
     trainer = tg.Trainer(hp, rt, log)
-    trainer.train(val)
-    trainer.model.set_loops(hp.num_loops)
-    batches = (trainer.loader.next_batch(trainer.seqs_per_micro)[0] for _ in range(hp.gptq_calibration_batches))
-    hessians = tg.collect_hessians(trainer.model, batches, rt)
+    trainer.warm_up()
+    trainer.train(val, tg.gptq_reserve_seconds(trainer, hp, rt, log))
+    with trainer.model.looping(hp.num_loops):
+        hessians = tg.collect_hessians(trainer.model, trainer.calibration_batches(hp.gptq_calibration_batches), rt)
     torch.save(dict(state=trainer.model.state_dict(), hessians=hessians), out)
 
 
 def score(quantized: dict, hp: tg.Hyperparameters, rt: tg.Runtime, val: tg.Validation) -> float:
     model = tg.GPT(hp, rt.attn_backend, rt.activation_dtype)
-    model.load_state_dict(tg.dequantize_state(quantized), strict=True)
-    model.set_loops(hp.num_loops)
+    model.load_state_dict(tg.dequantize_state(quantized), strict=True)  # evaluated at NUM_LOOPS
     return tg.evaluate(model, val, hp, rt)[1]
 
 
