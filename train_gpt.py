@@ -1770,6 +1770,131 @@ def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters)
     return out
 
 
+def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
+    return {name: dequantize(q["codes"], q["scale"]) if "codes" in q else q["fp16"].float()
+            for name, q in quantized.items()}
+
+
+def byte_planes(data: bytes, width: int) -> bytes:
+    """Group byte k of every `width`-byte element together: fp16 high bytes compress far better alone."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T.tobytes()
+
+
+def from_byte_planes(data: bytes, width: int) -> bytes:
+    return np.frombuffer(data, dtype=np.uint8).reshape(width, -1).T.tobytes()
+
+
+def compress(raw: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        return brotli.compress(raw, quality=11)
+    return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+
+
+def decompress(blob: bytes, compressor: str) -> bytes:
+    try:
+        return brotli.decompress(blob) if compressor == "brotli" else lzma.decompress(blob)
+    except (brotli.error, lzma.LZMAError) as exc:
+        raise ArtifactError(f"cannot decompress the artifact ({compressor}): {exc}; the file is truncated or corrupted") from None
+
+
+def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes:
+    """MAGIC | compressor name | compressed(header length | JSON header | tensor bytes).
+
+    The header lists every tensor (kind, shape, byte range), the architecture knobs the model was
+    built with, and a SHA-256 of the tensor bytes, so a loader can refuse what it cannot use.
+    """
+    entries, chunks, offset = [], [], 0
+
+    def add(data: bytes) -> list[int]:
+        nonlocal offset
+        chunks.append(data)
+        offset += len(data)
+        return [offset - len(data), len(data)]
+
+    for name, q in quantized.items():
+        if "codes" in q:
+            entries.append(dict(name=name, kind="int", bits=q["bits"], shape=list(q["codes"].shape),
+                                codes=add(q["codes"].numpy().tobytes()),
+                                scale=add(byte_planes(q["scale"].numpy().tobytes(), 2))))
+        else:
+            entries.append(dict(name=name, kind="fp16", shape=list(q["fp16"].shape),
+                                data=add(byte_planes(q["fp16"].numpy().tobytes(), 2))))
+    payload = b"".join(chunks)
+    header = json.dumps(dict(format=1, architecture=architecture_of(hp),
+                             tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest())).encode()
+    raw = len(header).to_bytes(4, "little") + header + payload
+    name = hp.compressor.encode()
+    return ARTIFACT_MAGIC + bytes([len(name)]) + name + compress(raw, hp.compressor)
+
+
+def architecture_of(hp: Hyperparameters) -> dict:
+    """The knobs that shape the model, as they read back from the JSON header (tuples become lists)."""
+    return json.loads(json.dumps({k: getattr(hp, k) for k in ARCHITECTURE_KNOBS}))
+
+
+def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
+    """Inverse of serialize_artifact; every failure is an ArtifactError saying what is wrong."""
+    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 6:
+        raise ArtifactError(f"not a model artifact (expected magic {ARTIFACT_MAGIC!r})")
+    name_len = blob[4]
+    compressor = blob[5:5 + name_len].decode(errors="replace")
+    if compressor not in COMPRESSORS:
+        raise ArtifactError(f"unknown compressor {compressor!r} in the artifact header")
+    raw = decompress(blob[5 + name_len:], compressor)
+    header_len = int.from_bytes(raw[:4], "little")
+    try:
+        header = json.loads(raw[4:4 + header_len])
+    except ValueError:
+        raise ArtifactError("artifact header is not valid JSON; the file is corrupted") from None
+    if not isinstance(header, dict) or not {"architecture", "tensors", "payload_sha256"} <= header.keys():
+        raise ArtifactError("artifact header lacks its architecture, tensor list or checksum; the file is corrupted")
+    payload = raw[4 + header_len:]
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise ArtifactError("artifact payload does not match its checksum; the file is corrupted")
+    ours = architecture_of(hp)
+    diff = [f"{k.upper()}={header['architecture'].get(k)!r} (this run: {v!r})"
+            for k, v in ours.items() if header["architecture"].get(k) != v]
+    if diff:
+        raise ArtifactError("artifact was made for another model: " + ", ".join(diff))
+
+    def read(span: list[int]) -> bytes:
+        return payload[span[0]:span[0] + span[1]]
+
+    out = {}
+    for e in header["tensors"]:
+        if e["kind"] == "int":
+            codes = torch.from_numpy(np.frombuffer(read(e["codes"]), dtype=np.int8).reshape(e["shape"]).copy())
+            scale = torch.from_numpy(np.frombuffer(from_byte_planes(read(e["scale"]), 2), dtype=np.float16).copy())
+            out[e["name"]] = dict(codes=codes, scale=scale, bits=e["bits"])
+        else:
+            data = np.frombuffer(from_byte_planes(read(e["data"]), 2), dtype=np.float16).reshape(e["shape"])
+            out[e["name"]] = dict(fp16=torch.from_numpy(data.copy()))
+    return out
+
+
+def load_artifact(path: Path, hp: Hyperparameters, rt: Runtime) -> GPT:
+    """A fresh model with the artifact's dequantized weights, loaded strictly."""
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist")
+    state = dequantize_state(parse_artifact(path.read_bytes(), hp))
+    model = GPT(hp, rt.attn_backend, rt.activation_dtype)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"artifact tensors do not fit this model: {exc}") from None
+    return model.to(rt.device)
+
+
+def describe_quantization(quantized: dict[str, dict]) -> list[str]:
+    """One log line per storage kind: how many tensors and values it holds."""
+    tensors, values = {}, {}
+    for q in quantized.values():
+        kind = f"int{q['bits']} GPTQ" if "codes" in q else "fp16 passthrough"
+        tensors[kind] = tensors.get(kind, 0) + 1
+        values[kind] = values.get(kind, 0) + (q["codes"] if "codes" in q else q["fp16"]).numel()
+    return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
+
+
 # --- Budget fitter: shrink GPTQ's artifact until model + code fit ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES.
 # A shrinker maps a monotone "amount" (0 = GPTQ's own state) to a quantized state that compresses
 # smaller as the amount grows; the search measures exact compressed sizes, guided by a cheap
@@ -1982,131 +2107,6 @@ def fit_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Te
         f"method {shrinker.name}: {shrinker.describe(found['amount'])}; predicted cost: "
         f"Hessian-weighted squared error {cost:.4g}; {found['tries']} compressions in {report['seconds']}s")
     return found["quantized"], found["blob"], report
-
-
-def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
-    return {name: dequantize(q["codes"], q["scale"]) if "codes" in q else q["fp16"].float()
-            for name, q in quantized.items()}
-
-
-def byte_planes(data: bytes, width: int) -> bytes:
-    """Group byte k of every `width`-byte element together: fp16 high bytes compress far better alone."""
-    return np.frombuffer(data, dtype=np.uint8).reshape(-1, width).T.tobytes()
-
-
-def from_byte_planes(data: bytes, width: int) -> bytes:
-    return np.frombuffer(data, dtype=np.uint8).reshape(width, -1).T.tobytes()
-
-
-def compress(raw: bytes, compressor: str) -> bytes:
-    if compressor == "brotli":
-        return brotli.compress(raw, quality=11)
-    return lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
-
-
-def decompress(blob: bytes, compressor: str) -> bytes:
-    try:
-        return brotli.decompress(blob) if compressor == "brotli" else lzma.decompress(blob)
-    except (brotli.error, lzma.LZMAError) as exc:
-        raise ArtifactError(f"cannot decompress the artifact ({compressor}): {exc}; the file is truncated or corrupted") from None
-
-
-def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes:
-    """MAGIC | compressor name | compressed(header length | JSON header | tensor bytes).
-
-    The header lists every tensor (kind, shape, byte range), the architecture knobs the model was
-    built with, and a SHA-256 of the tensor bytes, so a loader can refuse what it cannot use.
-    """
-    entries, chunks, offset = [], [], 0
-
-    def add(data: bytes) -> list[int]:
-        nonlocal offset
-        chunks.append(data)
-        offset += len(data)
-        return [offset - len(data), len(data)]
-
-    for name, q in quantized.items():
-        if "codes" in q:
-            entries.append(dict(name=name, kind="int", bits=q["bits"], shape=list(q["codes"].shape),
-                                codes=add(q["codes"].numpy().tobytes()),
-                                scale=add(byte_planes(q["scale"].numpy().tobytes(), 2))))
-        else:
-            entries.append(dict(name=name, kind="fp16", shape=list(q["fp16"].shape),
-                                data=add(byte_planes(q["fp16"].numpy().tobytes(), 2))))
-    payload = b"".join(chunks)
-    header = json.dumps(dict(format=1, architecture=architecture_of(hp),
-                             tensors=entries, payload_sha256=hashlib.sha256(payload).hexdigest())).encode()
-    raw = len(header).to_bytes(4, "little") + header + payload
-    name = hp.compressor.encode()
-    return ARTIFACT_MAGIC + bytes([len(name)]) + name + compress(raw, hp.compressor)
-
-
-def architecture_of(hp: Hyperparameters) -> dict:
-    """The knobs that shape the model, as they read back from the JSON header (tuples become lists)."""
-    return json.loads(json.dumps({k: getattr(hp, k) for k in ARCHITECTURE_KNOBS}))
-
-
-def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
-    """Inverse of serialize_artifact; every failure is an ArtifactError saying what is wrong."""
-    if blob[:4] != ARTIFACT_MAGIC or len(blob) < 6:
-        raise ArtifactError(f"not a model artifact (expected magic {ARTIFACT_MAGIC!r})")
-    name_len = blob[4]
-    compressor = blob[5:5 + name_len].decode(errors="replace")
-    if compressor not in COMPRESSORS:
-        raise ArtifactError(f"unknown compressor {compressor!r} in the artifact header")
-    raw = decompress(blob[5 + name_len:], compressor)
-    header_len = int.from_bytes(raw[:4], "little")
-    try:
-        header = json.loads(raw[4:4 + header_len])
-    except ValueError:
-        raise ArtifactError("artifact header is not valid JSON; the file is corrupted") from None
-    if not isinstance(header, dict) or not {"architecture", "tensors", "payload_sha256"} <= header.keys():
-        raise ArtifactError("artifact header lacks its architecture, tensor list or checksum; the file is corrupted")
-    payload = raw[4 + header_len:]
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise ArtifactError("artifact payload does not match its checksum; the file is corrupted")
-    ours = architecture_of(hp)
-    diff = [f"{k.upper()}={header['architecture'].get(k)!r} (this run: {v!r})"
-            for k, v in ours.items() if header["architecture"].get(k) != v]
-    if diff:
-        raise ArtifactError("artifact was made for another model: " + ", ".join(diff))
-
-    def read(span: list[int]) -> bytes:
-        return payload[span[0]:span[0] + span[1]]
-
-    out = {}
-    for e in header["tensors"]:
-        if e["kind"] == "int":
-            codes = torch.from_numpy(np.frombuffer(read(e["codes"]), dtype=np.int8).reshape(e["shape"]).copy())
-            scale = torch.from_numpy(np.frombuffer(from_byte_planes(read(e["scale"]), 2), dtype=np.float16).copy())
-            out[e["name"]] = dict(codes=codes, scale=scale, bits=e["bits"])
-        else:
-            data = np.frombuffer(from_byte_planes(read(e["data"]), 2), dtype=np.float16).reshape(e["shape"])
-            out[e["name"]] = dict(fp16=torch.from_numpy(data.copy()))
-    return out
-
-
-def load_artifact(path: Path, hp: Hyperparameters, rt: Runtime) -> GPT:
-    """A fresh model with the artifact's dequantized weights, loaded strictly."""
-    if not path.is_file():
-        raise ArtifactError(f"artifact {path} does not exist")
-    state = dequantize_state(parse_artifact(path.read_bytes(), hp))
-    model = GPT(hp, rt.attn_backend, rt.activation_dtype)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ArtifactError(f"artifact tensors do not fit this model: {exc}") from None
-    return model.to(rt.device)
-
-
-def describe_quantization(quantized: dict[str, dict]) -> list[str]:
-    """One log line per storage kind: how many tensors and values it holds."""
-    tensors, values = {}, {}
-    for q in quantized.values():
-        kind = f"int{q['bits']} GPTQ" if "codes" in q else "fp16 passthrough"
-        tensors[kind] = tensors.get(kind, 0) + 1
-        values[kind] = values.get(kind, 0) + (q["codes"] if "codes" in q else q["fp16"]).numel()
-    return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
 
 
 @contextlib.contextmanager
