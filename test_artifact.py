@@ -403,12 +403,13 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
     artifact = tmp_path / "final_model.int6.ptz"
     fit = record["budget_fit"]
     assert fit["method"] == "clip" and fit["before"] == free["total_bytes"] and fit["target"] == limit - 500
-    assert record["total_bytes"] == fit["after"] == artifact.stat().st_size + SCRIPT.stat().st_size <= limit - 500
+    assert record["code_bytes"] == tg.counted_code(SCRIPT.read_text()).size  # the counted wrapper, not the source
+    assert record["total_bytes"] == fit["after"] == artifact.stat().st_size + record["code_bytes"] <= limit - 500
     assert record["status"] == "completed" and record["artifact_over_budget"] is False
     assert re.search(rf"^budget_fit: limit {limit} - margin 500 = target {limit - 500}; before {fit['before']} "
                      rf"after {fit['after']} bytes .* method clip: clip sigmas x{1 + fit['amount'] / 100:.2f}", log, re.M)
     assert f"Total submission size quantized+brotli: {fit['after']} bytes" in log
-    assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the pruned file was read
+    assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the fitted file was read
 
 
 # --- training time includes GPTQ; the run checks its own compliance ------------------------------

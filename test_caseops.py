@@ -19,6 +19,7 @@ import train_gpt as tg
 from conftest import E2E, pseudo_language
 from data import build_dataset as bd
 from data import caseops as co
+from data import shard_format
 
 REPO = Path(__file__).resolve().parent
 CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
@@ -238,3 +239,18 @@ def test_train_gpt_runs_on_a_built_caseops_dataset(caseops_data, tmp_path):
     log = (tmp_path / "logs" / "caseops.txt").read_text()
     assert "bytes: sidecar " in log and "fineweb_val_bytes_000000.bin" in log
     assert json.loads((tmp_path / "logs" / "caseops.json").read_text())["bytes_source"].startswith("sidecar ")
+
+
+def test_the_train_val_overlap_check_reads_the_caseops_dataset(caseops_data, tmp_path):
+    # The check takes its shards from find_shards, so it reads the CaseOps directory, and the byte sidecars
+    # beside the validation shards are not mistaken for validation documents.
+    root = tmp_path / "data"
+    shutil.copytree(caseops_data["root"], root, ignore=shutil.ignore_patterns(tg.OVERLAP_CACHE_NAME))
+    hp = tg.dataclasses.replace(caseops_data["hp"], data_dir=str(root))
+    clean = tg.overlap_verdict(hp)
+    assert clean["overlap_docs"] == 0 and clean["val_docs"] == len(caseops_data["val_docs"]) == 30
+    docs = val_documents(caseops_data["sp"], hp)
+    train = tg.find_shards(hp, "train")[0]
+    tokens = np.asarray(tg.open_shard(train))
+    shard_format.write_shard(train, np.concatenate([tokens, docs[4], docs[9]]))
+    assert tg.overlap_verdict(hp)["overlap_docs"] == 2  # the cache expired with the shard's size and time
