@@ -1059,7 +1059,7 @@ def sparse_attn_gate(y: Tensor, x: Tensor, weight: Tensor, scale: float) -> Tens
     """SparseAttnGate: head h's output y[..., h, :] times sigmoid(scale · weight[h] · x[..., :GATE_WINDOW]).
 
     x is the attention's (normalized) input, so the gate lets each token switch heads off from its own
-    content at 96 parameters a layer. Zero-init weight makes every gate 0.5: not the identity, but a
+    content, at NUM_HEADS x GATE_WINDOW parameters a layer. Zero-init weight makes every gate 0.5: not the identity, but a
     fresh model computes today's function because attn.proj starts at zero (its gradient is halved).
     """
     gate = torch.sigmoid(scale * F.linear(x[..., :weight.size(1)], weight.to(x.dtype)))
