@@ -232,7 +232,8 @@ class FakeRuntime:
     rank, world_size, device, compile = 0, 1, torch.device("cpu"), False
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(BIRKHOFF_MIX=0, TIMESTEP_SCALE=0), dict(TIE_EMBEDDINGS=0)])
+@pytest.mark.parametrize("flags", [dict(), dict(BIRKHOFF_MIX=0, TIMESTEP_SCALE=0), dict(TIE_EMBEDDINGS=0),
+                                   dict(SPARSE_ATTN_GATE_ENABLED=0, SMEAR_GATE_ENABLED=0)])
 def test_every_parameter_in_exactly_one_optimizer_in_fp32(flags):
     model = small_model(**flags)
     groups = tg.param_groups(model)
@@ -250,6 +251,8 @@ def test_every_parameter_in_exactly_one_optimizer_in_fp32(flags):
     assert all(n.startswith("blocks.") for n in matrix)
     if not flags:
         assert {"mix_logits", "attn_step_scales", "mlp_step_scales", "skip_gates"} <= scalar
+        gates = {"smear_gate_w", "smear_lambda", *(f"blocks.{i}.attn.attn_gate_w" for i in range(model.hp.num_layers))}
+        assert gates <= scalar  # the small gate matrices go to AdamW with the control tensors, as in the records
     assert isinstance(optimizers[0], tg.Muon) and {id(p) for p in optimizers[0].param_groups[0]["params"]} == {id(named[n]) for n in matrix}
 
 

@@ -89,6 +89,13 @@ class Hyperparameters:
     parallel_residual_start: int = knob(7, "layers ≥ this read one input for attention and MLP (< 0: none)")
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips (else additive)")
     qk_gain_init: float = knob(5.25, "initial per-head query gain")
+    # gates (see SparseAttnGate and SmearGate in the model section)
+    sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output, read from the first "
+                                                "GATE_WINDOW channels of the block's normalized input")
+    sparse_attn_gate_scale: float = knob(0.5, "the sparse attention gate is sigmoid(scale · W·x[:GATE_WINDOW])")
+    gate_window: int = knob(12, "leading channels the sparse attention gate and the SmearGate read")
+    smear_gate_enabled: bool = knob(True, "add a content-gated share of the previous token's embedding to each "
+                                          "token's (never into a BOS token, so never across documents)")
     # depth recurrence
     num_loops: int = knob(2, "extra passes of the band LOOP_START..LOOP_END (0 = no recurrence)")
     loop_start: int = knob(3, "first physical layer of the looped band")
@@ -282,6 +289,14 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
     need(hp.embedding_dim in (None, hp.model_dim), "EMBEDDING_DIM",
          f"a factored embedding is not supported; unset it or make it equal MODEL_DIM={hp.model_dim}")
+    check_gate_config(hp)
+
+
+def check_gate_config(hp: Hyperparameters) -> None:
+    """The gates read the first GATE_WINDOW channels of a MODEL_DIM-wide vector."""
+    if (hp.sparse_attn_gate_enabled or hp.smear_gate_enabled) and not 0 < hp.gate_window <= hp.model_dim:
+        raise ConfigError(f"GATE_WINDOW={hp.gate_window}: must be in 1..MODEL_DIM={hp.model_dim} "
+                          "(or turn off SPARSE_ATTN_GATE_ENABLED and SMEAR_GATE_ENABLED)")
 
 
 def micro_batch_seqs(global_tokens: int, seq_len: int) -> int:
@@ -936,6 +951,11 @@ def check_train_val_overlap(hp: Hyperparameters, rt: Runtime, log: RunLog) -> No
 # differently. A model run at a loop count other than the trained ones (EVAL_LOOPS) reuses the last
 # trained pass's slots for the passes beyond it; with SHARE_LOOP_PARAMS every pass uses slot i.
 # The U-Net pairing is recomputed for every sequence (see GPT.hidden_states for the skips).
+#
+# Two gates (on by default): SparseAttnGate scales each head's attention output by a sigmoid of
+# the block input's first GATE_WINDOW channels; SmearGate adds a gated share of the previous
+# token's raw embedding, never into a BOS. Both live inside Attention / GPT.embeddings, which every
+# forward (training, evaluation, GPTQ calibration, sliding windows, TTT) goes through.
 # -----------------------------------------------------------------------------------------------
 
 
@@ -1036,7 +1056,23 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     return (groups - (groups * direction).sum(-1, keepdim=True) * direction).reshape(b, t, h, d)
 
 
+def sparse_attn_gate(y: Tensor, x: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """SparseAttnGate: head h's output y[..., h, :] times sigmoid(scale · weight[h] · x[..., :GATE_WINDOW]).
+
+    x is the attention's (normalized) input, so the gate lets each token switch heads off from its own
+    content, at NUM_HEADS x GATE_WINDOW parameters a layer. Zero-init weight makes every gate 0.5: not the identity, but a
+    fresh model computes today's function because attn.proj starts at zero (its gradient is halved).
+    """
+    gate = torch.sigmoid(scale * F.linear(x[..., :weight.size(1)], weight.to(x.dtype)))
+    return y * gate.unsqueeze(-1).to(y.dtype)
+
+
 class Attention(nn.Module):
+    """Causal GQA attention with QK-norm, partial rotary, per-head query gain, optional XSA and
+    SparseAttnGate. Its parameters, the gate's `attn_gate_w` included, belong to the physical layer:
+    every looped pass of the layer uses them, like its Q/K/V/O matrices (per-pass behaviour comes
+    from the slots' Birkhoff mix and timestep scales, see LoopPlan)."""
+
     def __init__(self, hp: Hyperparameters, use_xsa: bool, backend: str):
         super().__init__()
         self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
@@ -1048,6 +1084,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hp.model_dim, hp.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.use_xsa, self.backend = use_xsa, backend
+        gated = hp.sparse_attn_gate_enabled
+        self.attn_gate_w = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_window)) if gated else None
+        self.gate_scale = hp.sparse_attn_gate_scale
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -1060,6 +1099,8 @@ class Attention(nn.Module):
         y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, self.backend)
         if self.use_xsa:
             y = remove_self_value(y, v)
+        if self.attn_gate_w is not None:
+            y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
         return self.proj(y.reshape(b, t, -1))
 
 
@@ -1112,6 +1153,19 @@ def branch_scale(scale: Tensor, gain: Optional[Tensor], dtype: torch.dtype) -> T
     return (scale if gain is None else scale * gain).to(dtype)
 
 
+def smear_embeddings(e: Tensor, input_ids: Tensor, weight: Tensor, lam: Tensor) -> Tensor:
+    """SmearGate: e_t + lam · sigmoid(weight · e_t[:GATE_WINDOW]) · e_{t-1} for t >= 1, on raw embeddings (B, T, D).
+
+    The gate reads the current token's embedding, so how much of the previous token to blend in depends
+    on content. Where token t is BOS it is 0: in a packed row the last token of one document never
+    leaks into the next one's BOS (and through it into that document). The token after BOS does get
+    BOS's embedding: that is inside its own document. Position 0 of a row has no predecessor.
+    """
+    gate = lam.to(e.dtype) * torch.sigmoid(F.linear(e[:, 1:, :weight.size(1)], weight.to(e.dtype)))
+    gate = gate * (input_ids[:, 1:, None] != BOS_ID).to(e.dtype)
+    return torch.cat((e[:, :1], e[:, 1:] + gate * e[:, :-1]), dim=1)
+
+
 def birkhoff_coefficients(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Weights (a, 1-a) of the stream mix; [[a, 1-a], [1-a, a]] is doubly stochastic, so its spectral norm <= 1."""
     a = torch.sigmoid(logits)
@@ -1145,6 +1199,10 @@ class GPT(nn.Module):
         skips = self.plan.num_skips
         self.skip_weights = nn.Parameter(torch.ones(skips, hp.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(skips, hp.model_dim)) if hp.skip_gates_enabled else None
+        # SmearGate: zero-init weight and lambda make it the identity at init (lambda learns first).
+        smear = hp.smear_gate_enabled
+        self.smear_gate_w = nn.Parameter(torch.zeros(1, hp.gate_window)) if smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if smear else None
         rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
         cos, sin = rotary_tables(rope_dims, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -1202,8 +1260,15 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
+    def embeddings(self, input_ids: Tensor) -> Tensor:
+        """Raw token embeddings, smeared by the SmearGate when it is on (before the input RMSNorm)."""
+        e = self.tok_emb(input_ids).to(self.activation_dtype)
+        if self.smear_gate_w is None:
+            return e
+        return smear_embeddings(e, input_ids, self.smear_gate_w, self.smear_lambda)
+
     def hidden_states(self, input_ids: Tensor) -> Tensor:
-        x = rms_norm(self.tok_emb(input_ids).to(self.activation_dtype))
+        x = rms_norm(self.embeddings(input_ids))
         x0 = x
         cos, sin = self.rope_cos[:input_ids.size(1)], self.rope_sin[:input_ids.size(1)]
         encoder, decoder = self.sequences[self.loops]
@@ -1656,7 +1721,8 @@ ARTIFACT_PATH = "final_model.int6.ptz"
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
                       "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
-                      "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap")
+                      "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap",
+                      "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled")
 
 
 class ArtifactError(ValueError):
