@@ -1,13 +1,17 @@
 """Tests of the causal n-gram tilt (NGRAM_TILT): hints against a slow reference, causality, normalization,
 and its effect on sliding-window scores (CPU, the real train_gpt.py)."""
 
+import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
+from conftest import E2E, SCRIPT, run_script
 from test_artifact import CPU, eval_setup
 
 
@@ -174,6 +178,44 @@ def test_ttt_scores_with_the_tilt_and_trains_without_it(tiny_data):
     model.load_state_dict(state)
     tilted = tg.score_first_eval(model, val, hp, CPU, epochs=1, tilt=tilt_for(val, 2.625))
     assert tilted[1] < plain[1] - 0.05
+
+
+class ListLog:
+    def __init__(self):
+        self.lines, self.metrics = [], {}
+
+    def __call__(self, message: str) -> None:
+        self.lines.append(message)
+
+    def metric(self, **values) -> None:
+        self.metrics.update(values)
+
+
+def test_build_ngram_tilt_uses_the_knobs_and_logs_its_time_as_eval_time(tiny_data):
+    hp, _, val = eval_setup(tiny_data, NGRAM_TILT=1, NGRAM_TILT_ORDER=4, NGRAM_TILT_THRESHOLD=0.5, NGRAM_TILT_BOOST=1.5)
+    log = ListLog()
+    tilt = tg.build_ngram_tilt(val, hp, CPU, log)
+    expected = tg.ngram_hints(val.tokens, 4, 0.5)
+    assert tilt.boost == 1.5 and np.array_equal(tilt.hints.numpy(), expected)
+    hinted = int((expected[1:] >= 0).sum())
+    assert hinted > 0 and log.metrics["ngram_hinted"] == hinted and log.metrics["ngram_hint_ms"] >= 0
+    assert re.fullmatch(rf"ngram_tilt: order 4 threshold 0.5 boost 1.5: {hinted} of {len(val.tokens) - 1} targets "
+                        rf"hinted \(.*%\), \d+ right, in \d+ms", log.lines[0])
+    assert "ngram_hint_ms" in tg.SCORED_EVAL_PHASES
+
+
+@pytest.mark.slow
+def test_end_to_end_two_ranks_score_with_the_tilt(tiny_data, tmp_path):
+    env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="tilt", MAX_WALLCLOCK_SECONDS=8, GPTQ_RESERVE_SECONDS=2,
+               GPTQ_CALIBRATION_BATCHES=2, EVAL_STRIDE=32, NGRAM_TILT=1)
+    result = run_script([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                         str(SCRIPT)], env, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (tmp_path / "logs" / "tilt.txt").read_text()
+    assert re.search(r"^ngram_tilt: order 16 threshold 0.8 boost 2.625: \d+ of \d+ targets hinted", log, re.M)
+    assert re.search(r"^quantized_sliding_window val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$", log, re.M)
+    metrics = json.loads((tmp_path / "logs" / "tilt.json").read_text())["metrics"]
+    assert "ngram_hint_ms" in metrics and math.isfinite(metrics["sliding_val_bpb"])
 
 
 @pytest.mark.parametrize("env, message", [({"NGRAM_TILT_ORDER": 1}, "NGRAM_TILT_ORDER"),
