@@ -218,6 +218,18 @@ def test_end_to_end_two_ranks_score_with_the_tilt(tiny_data, tmp_path):
     assert "ngram_hint_ms" in metrics and math.isfinite(metrics["sliding_val_bpb"])
 
 
+def test_bench_tool_times_hints_on_shifted_copies(tiny_data, capsys):
+    sys.path.insert(0, str(SCRIPT.parent / "tools"))
+    import bench_ngram_hints
+
+    shard = tiny_data["shards"] / "fineweb_val_000000.bin"
+    tokens = bench_ngram_hints.stream([str(shard)], 3 * len(tiny_data["val_tokens"]))
+    first = tiny_data["val_tokens"]
+    assert np.array_equal(tokens[:len(first)], first) and np.array_equal(tokens[len(first):2 * len(first)], first + first.max() + 1)
+    assert bench_ngram_hints.main([str(shard), "--tokens", "5000", "--repeat", "1"]) == 0
+    assert re.match(r"tokens=5000 order=16 threshold=0.8 best_s=\S+ .* hinted=\S+% right=\S+%", capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("env, message", [({"NGRAM_TILT_ORDER": 1}, "NGRAM_TILT_ORDER"),
                                           ({"NGRAM_TILT_BOOST": -1}, "NGRAM_TILT_BOOST"),
                                           ({"NGRAM_TILT_THRESHOLD": 0}, "NGRAM_TILT_THRESHOLD"),
