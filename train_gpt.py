@@ -2335,7 +2335,7 @@ def context_hashes(tokens: np.ndarray, context: int, salt: int) -> np.ndarray:
 def contexts_sorted(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
     """Window starts i sorted by their context tokens[i : i+context], equal contexts in stream order, and a
     flag marking the first of each run of equal contexts. Hash runs are checked token by token, so a
-    collision (one pair in ~1e5 runs on the full validation set) costs a rehash, never a wrong hint."""
+    collision (rare: ~N²/2^65, one run in ~10^4 at N = 48M) costs a rehash, never a wrong hint."""
     for salt in range(NGRAM_HASH_TRIES):
         keys = context_hashes(tokens, context, salt)
         order = stable_argsort(keys)
