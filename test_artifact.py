@@ -425,9 +425,10 @@ def test_gptq_reserve_is_measured_and_the_run_reports_its_compliance(tiny_data, 
     reserve = record["gptq_reserve"]
     assert reserve["margin"] == 1.5 and reserve["reserve_s"] == pytest.approx(1.5 * reserve["estimate_s"], abs=1e-3)
     assert reserve["estimate_s"] >= 3 * reserve["hessian_s_per_batch"] > 0
-    assert f"train_budget: {60000 - 1000 * reserve['reserve_s']:.0f}ms" in log
+    budget_ms = float(re.search(r"^train_budget: (\d+)ms", log, re.M).group(1))
+    assert budget_ms == pytest.approx(60000 - 1000 * reserve["reserve_s"], abs=1)  # the JSON rounds to 1 ms
     total = record["train_plus_gptq_ms"]
-    assert total == pytest.approx(record["train_time_ms"] + 1000 * record["gptq_total_s"], abs=1)
+    assert total == pytest.approx(record["train_time_ms"] + 1000 * record["gptq_total_s"], abs=1.5)
     assert re.search(rf"^train\+gptq: {total:.0f}ms of 600000ms$", log, re.M)
     checks = record["compliance"]
     assert checks["train_plus_gptq_under_600s"] and checks["eval_under_600s"] and checks["artifact_under_16mb"]

@@ -169,6 +169,12 @@ class Hyperparameters:
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored first, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
+    ngram_tilt: bool = knob(False, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
+                                   "already-scored validation prefix predicts, then renormalize")
+    ngram_tilt_order: int = knob(16, "n-gram order of the tilt: the hint's context is the previous ORDER-1 tokens")
+    ngram_tilt_boost: float = knob(2.625, "β added to the hinted token's logit (0 = scores as without the tilt)")
+    ngram_tilt_threshold: float = knob(0.8, "a hint fires when its token followed at least this fraction of the "
+                                            "context's earlier occurrences")
     eval_loops: LoopCounts = knob((), "after the round trip, also score the artifact at these loop counts, e.g. 0,1,2,4")
     # runtime
     attn_backend: str = knob("auto", "auto, fa3 or sdpa (auto: FlashAttention 3 when importable on CUDA)")
@@ -284,6 +290,11 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
     need(not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
          "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
+    need(hp.ngram_tilt_order >= 2, "NGRAM_TILT_ORDER", "must be >= 2 (a context of at least one token)")
+    need(math.isfinite(hp.ngram_tilt_boost) and hp.ngram_tilt_boost >= 0, "NGRAM_TILT_BOOST", "must be finite and >= 0")
+    need(0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
+    need(not hp.ngram_tilt or hp.sliding_window_enabled, "NGRAM_TILT",
+         "the tilt applies to sliding-window (and TTT) scores: set SLIDING_WINDOW_ENABLED=1")
     need(hp.muon_update_dtype in ("bf16", "fp32"), "MUON_UPDATE_DTYPE", "must be bf16 or fp32")
     need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
     need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
@@ -2355,6 +2366,127 @@ def log_counted_code(counted: CountedCode, source_bytes: int, log: RunLog) -> No
 # -----------------------------------------------------------------------------------------------
 
 
+# --- Causal n-gram tilt (NGRAM_TILT): a closed-form boost of the token that the validation prefix predicts.
+# The hint for target t comes from tokens[:t] only, by the rule of the public record #2135 (its token expert):
+# the context is the ORDER-1 tokens before t; among that context's earlier occurrences, the continuation
+# seen most often (ties keep the one that reached the count first) is the hint when it followed in at least
+# THRESHOLD of them. Contexts may span a BOS: repeats across documents are the signal. The record streams
+# this through hash tables (~190 s, ~8 GB per rank); here the same hints come from two sorts of the stream.
+
+NGRAM_HASH_TRIES = 4  # salts tried before giving up on a 64-bit context hash without collisions
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramTilt:
+    hints: Tensor  # hints[t]: hinted token for target tokens[t] (int32 on the scoring device), -1 = no tilt
+    boost: float  # β added to the hinted token's logit before renormalizing
+
+
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """Indices sorting 64-bit keys (by their int64 bits: only equal keys need to end up together), ties in
+    index order. torch's radix sort is ~3x numpy's timsort on one core."""
+    return torch.sort(torch.from_numpy(keys.view(np.int64)), stable=True).indices.numpy()
+
+
+def context_hashes(tokens: np.ndarray, context: int, salt: int) -> np.ndarray:
+    """A 64-bit hash of tokens[i : i+context] for every i (one per position t = i + context); tokens uint64."""
+    multipliers = np.random.default_rng(salt).integers(0, 1 << 63, size=context, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    count = len(tokens) - context
+    keys, term = np.zeros(count, dtype=np.uint64), np.empty(count, dtype=np.uint64)
+    for j in range(context):
+        keys += np.multiply(tokens[j:j + count], multipliers[j], out=term)
+    return keys
+
+
+def contexts_sorted(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts i sorted by their context tokens[i : i+context], equal contexts in stream order, and a
+    flag marking the first of each run of equal contexts. Hash runs are checked token by token, so a
+    collision (rare: ~N²/2^65, one run in ~10^4 at N = 48M) costs a rehash, never a wrong hint."""
+    for salt in range(NGRAM_HASH_TRIES):
+        keys = context_hashes(tokens, context, salt)
+        order = stable_argsort(keys)
+        sorted_keys = keys[order]
+        same = sorted_keys[1:] == sorted_keys[:-1]
+        later, earlier = order[1:][same], order[:-1][same]
+        if all(np.array_equal(tokens[later + j], tokens[earlier + j]) for j in range(context)):
+            return order, np.concatenate(([True], ~same))
+    raise RuntimeError(f"n-gram tilt: {NGRAM_HASH_TRIES} salts of the 64-bit context hash all collided")
+
+
+def running_pair_counts(group: np.ndarray, following: np.ndarray) -> np.ndarray:
+    """For each element (groups contiguous, stream order inside), how often its (group, following token)
+    pair has occurred so far, itself included."""
+    pair = group * (int(following.max()) + 1) + following
+    order = stable_argsort(pair)
+    sorted_pair = pair[order]
+    run_start = np.flatnonzero(np.concatenate(([True], sorted_pair[1:] != sorted_pair[:-1])))
+    run_lengths = np.diff(np.append(run_start, len(pair)))
+    counts = np.empty(len(pair), dtype=np.int64)
+    counts[order] = np.arange(len(pair)) - np.repeat(run_start, run_lengths) + 1
+    return counts
+
+
+def ngram_hints(tokens: np.ndarray, order: int, threshold: float) -> np.ndarray:
+    """hints[t] for every position t (int32, -1 = none), read from tokens[:t] as the block comment says."""
+    context = order - 1
+    hints = np.full(len(tokens), -1, dtype=np.int32)
+    if len(tokens) <= context:
+        return hints
+    tokens = tokens.astype(np.uint64)  # one type for hashing and indexing; ids are < 2^16
+    starts, first = contexts_sorted(tokens, context)
+    group = np.cumsum(first) - 1
+    repeated = np.bincount(group)[group] > 1  # a context seen once never gives a hint nor receives one
+    targets, group, first = starts[repeated] + context, group[repeated], first[repeated]
+    following = tokens[targets].astype(np.int64)
+    counts = running_pair_counts(group, following)
+    span = len(counts) + 1  # offsets make one running max restart at every group
+    top_count = np.maximum.accumulate(counts + group * span) - group * span
+    index = np.arange(len(counts))
+    new_top = first | (counts > np.concatenate(([0], top_count[:-1])))  # strictly exceeds: ties keep the old top
+    top_at = np.maximum.accumulate(np.where(new_top, index, 0))
+    group_start = np.maximum.accumulate(np.where(first, index, 0))
+    read = np.flatnonzero(~first)  # each read sees the state after the group's previous element
+    seen = read - group_start[read]
+    share = top_count[read - 1] / seen
+    gated = read[share >= threshold]
+    hints[targets[gated]] = following[top_at[gated - 1]]
+    return hints
+
+
+def tilted_nll(nll: Tensor, logits: Tensor, targets: Tensor, hints: Tensor, boost: float) -> Tensor:
+    """Per-position NLL under p'(a) = p(a)·e^(β·[a = h]) / (1 + p(h)·(e^β − 1)), the exact softmax of the
+    logits with β added at the hint h: nll − β·[y = h] + log(1 + p(h)·(e^β − 1)). Flat inputs
+    ([N], [N, V], [N], [N]); positions with hint -1 keep their nll."""
+    rows = torch.nonzero(hints >= 0).squeeze(1)
+    z = logits[rows].float()
+    hinted = hints[rows].long()
+    log_p_hint = z.gather(1, hinted[:, None]).squeeze(1) - torch.logsumexp(z, dim=1)
+    change = torch.log1p(math.expm1(boost) * torch.exp(log_p_hint)) - boost * (targets[rows] == hinted).float()
+    return nll.index_add(0, rows, change.to(nll.dtype))
+
+
+def build_ngram_tilt(val: Validation, hp: Hyperparameters, rt: Runtime, log: RunLog) -> NgramTilt:
+    """Hints from the validation tokens (never training data), once per run; their time counts as eval time.
+    Rank 0 builds them (~60 bytes of host memory per token, once per machine rather than once per rank)
+    and broadcasts the int32 array."""
+    t0 = time.perf_counter()
+    hints = torch.empty(len(val.tokens), dtype=torch.int32)
+    if rt.is_main:
+        hints = torch.from_numpy(ngram_hints(val.tokens, hp.ngram_tilt_order, hp.ngram_tilt_threshold))
+    hints = hints.to(rt.device)
+    if rt.distributed:
+        dist.broadcast(hints, src=0)
+    synchronize(rt.device)
+    ms = round(1000.0 * (time.perf_counter() - t0))
+    hinted = hints[1:] >= 0
+    right = int((hints[1:][hinted].cpu().numpy() == val.tokens[1:][hinted.cpu().numpy()]).sum())
+    log(f"ngram_tilt: order {hp.ngram_tilt_order} threshold {hp.ngram_tilt_threshold} boost {hp.ngram_tilt_boost}: "
+        f"{int(hinted.sum())} of {len(hinted)} targets hinted ({hinted.float().mean().item():.2%}), {right} right, "
+        f"in {ms}ms")
+    log.metric(ngram_hint_ms=ms, ngram_hinted=int(hinted.sum()), ngram_hints_right=right)
+    return NgramTilt(hints, hp.ngram_tilt_boost)
+
+
 @dataclasses.dataclass(frozen=True)
 class Window:
     """Inputs tokens[start : start+length]; targets are the next tokens; positions first..length-1 are scored."""
@@ -2381,8 +2513,9 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]
 
 
 def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: int, seq_len: int,
-                  counts: ByteCounts, rt: Runtime) -> Tensor:
-    """Sums [nll, tokens, bytes] over the scored positions of `windows` (batches padded to a fixed shape)."""
+                  counts: ByteCounts, rt: Runtime, tilt: Optional[NgramTilt] = None) -> Tensor:
+    """Sums [nll, tokens, bytes] over the scored positions of `windows` (batches padded to a fixed shape),
+    each NLL under the n-gram tilt when `tilt` is given."""
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     for i in range(0, len(windows), batch):
         group = windows[i:i + batch]
@@ -2399,6 +2532,9 @@ def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: i
         with torch.no_grad(), autocast(rt):
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        if tilt is not None:
+            hints = torch.where(mask, tilt.hints[positions + 1], -1)
+            nll = tilted_nll(nll.flatten(), logits.flatten(0, 1), y.flatten(), hints.flatten(), tilt.boost).view_as(y)
         sums[0] += nll[mask].double().sum()
         sums[1] += mask.sum()
         sums[2] += counts.count(x[mask], y[mask], positions[mask]).sum()
@@ -2410,7 +2546,7 @@ def my_share(items: list, rt: Runtime) -> list:
 
 
 def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtime, epochs: int,
-                     observer=None) -> tuple[float, float]:
+                     observer=None, tilt: Optional[NgramTilt] = None) -> tuple[float, float]:
     """Sliding-window scoring, chunk by chunk; with epochs > 0, score-first test-time training.
 
     The stream is cut into TTT_CHUNK_TOKENS chunks by the position of each window's first scored
@@ -2418,7 +2554,7 @@ def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runti
     trains on that chunk's tokens with SGD: TTT_EPOCHS passes, LR cosine-decayed across chunks,
     gradients averaged over ranks and clipped. No target is scored twice or trained on before it is
     scored. `observer(kind, positions)` ('score' or 'train', target positions) lets tests check that.
-    With epochs = 0 this is plain sliding-window evaluation.
+    With epochs = 0 this is plain sliding-window evaluation. `tilt` tilts the scores only, not TTT's loss.
     """
     seq_len, tokens = hp.eval_seq_len, val.tokens
     num_targets = len(tokens) - 1
@@ -2437,7 +2573,7 @@ def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runti
     for c, chunk_windows in enumerate(per_chunk):
         model.eval()
         mine = my_share(chunk_windows, rt)
-        sums += score_windows(logits_fn, tokens, mine, batch, seq_len, counts, rt)
+        sums += score_windows(logits_fn, tokens, mine, batch, seq_len, counts, rt, tilt)
         if observer is not None:
             observer("score", [w.start + 1 + p for w in mine for p in range(w.first, w.length)])
         if optimizer is None or c == num_chunks - 1:
@@ -2504,7 +2640,7 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, 
 
 # The evaluations a submission's score needs, whose time counts against CHALLENGE_SECONDS (EVAL_LOOPS's
 # extra scores are diagnostics and do not count).
-SCORED_EVAL_PHASES = ("post_quant_eval_ms", "sliding_eval_ms", "ttt_eval_ms")
+SCORED_EVAL_PHASES = ("post_quant_eval_ms", "ngram_hint_ms", "sliding_eval_ms", "ttt_eval_ms")
 
 
 def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyperparameters, rt: Runtime,
@@ -2519,12 +2655,15 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyp
         with model.looping(loops):
             loss, bpb, ms = timed_eval(f"quantized_loops{loops}", lambda: evaluate(net, val, hp, rt), log, rt)
         log.metric(**{f"loops{loops}_val_loss": loss, f"loops{loops}_val_bpb": bpb, f"loops{loops}_eval_ms": ms})
+    tilt = build_ngram_tilt(val, hp, rt, log) if hp.ngram_tilt else None
     if hp.sliding_window_enabled:
-        loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0), log, rt)
+        loss, bpb, ms = timed_eval("quantized_sliding_window", lambda: score_first_eval(model, val, hp, rt, 0, tilt=tilt),
+                                   log, rt)
         log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
     if hp.ttt_enabled:
         model = load_artifact(path, hp, rt)  # TTT changes the weights: start again from the file
-        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs), log, rt)
+        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs, tilt=tilt),
+                                   log, rt)
         log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
 
 
