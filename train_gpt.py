@@ -82,8 +82,8 @@ class Hyperparameters:
     mlp_mult: float = knob(4.0, "MLP hidden width = MLP_MULT × MODEL_DIM")
     tie_embeddings: bool = knob(True, "output head shares the token embedding")
     logit_softcap: float = knob(30.0, "logits = c·tanh(z/c)")
-    asym_logit_rescale: bool = knob(True, "logits = c·tanh(z/c) with c a trained cap for z ≥ 0 and another for z < 0, "
-                                          "both initialized at LOGIT_SOFTCAP (0: the fixed symmetric cap)")
+    asym_logit_rescale: bool = knob(True, "logits = c·tanh(z/c) with c a trained cap for z ≥ 0 and another for "
+                                          "z < 0, both initialized at LOGIT_SOFTCAP (0: the fixed symmetric cap)")
     loss_chunk_tokens: int = knob(8192, "the training loss computes the logits of this many tokens at a time and "
                                         "recomputes them in the backward (0 = whole micro-batch at once)")
     rope_base: float = knob(10000.0, "rotary base frequency")
@@ -1306,7 +1306,7 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
-# Newton–Schulz schedules: iteration k computes X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ and its own (a, b, c).
+# Newton–Schulz schedules: iteration k computes X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, with its own (a, b, c).
 NS_COEFFICIENTS = {
     # Polar Express (Amsel et al. 2025): each quintic is minimax-optimal for the singular values the
     # previous iterations leave, so 5 iterations land closer to 1 than 5 of the fixed quintic.
@@ -1742,8 +1742,9 @@ ARTIFACT_PATH = "final_model.int6.ptz"
 # built with the same values. (Sequence lengths are not among them: the rotary tables are derived.)
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
-                      "parallel_residual_start", "skip_gates_enabled", "asym_logit_rescale", "num_loops", "loop_start", "loop_end",
-                      "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap")
+                      "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
+                      "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap",
+                      "asym_logit_rescale")
 
 
 class ArtifactError(ValueError):
