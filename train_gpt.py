@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------------------------
 # Configuration: every knob is read once, here, from an environment variable of the same name
@@ -82,6 +83,10 @@ class Hyperparameters:
     mlp_mult: float = knob(4.0, "MLP hidden width = MLP_MULT × MODEL_DIM")
     tie_embeddings: bool = knob(True, "output head shares the token embedding")
     logit_softcap: float = knob(30.0, "logits = c·tanh(z/c)")
+    asym_logit_rescale: bool = knob(True, "logits = c·tanh(z/c) with c a trained cap for z ≥ 0 and another for "
+                                          "z < 0, both initialized at LOGIT_SOFTCAP (0: the fixed symmetric cap)")
+    loss_chunk_tokens: int = knob(8192, "the training loss computes the logits of this many tokens at a time and "
+                                        "recomputes them in the backward (0 = whole micro-batch at once)")
     rope_base: float = knob(10000.0, "rotary base frequency")
     rope_dims: int = knob(16, "rotary dims per head (0 = whole head)")
     ln_scale: bool = knob(True, "multiply sublayer norms by 1/√(layer+1)")
@@ -118,8 +123,8 @@ class Hyperparameters:
     gptq_reserve_margin: float = knob(1.5, "unset GPTQ_RESERVE_SECONDS = this x the Hessian + GPTQ time measured on one "
                                            "calibration batch and one matrix of each shape")
     warmup_steps: int = knob(20, "compile warm-up steps, rolled back before training")
-    warmdown_frac: float = knob(0.72, "final fraction of the budget with linearly decaying LR")
-    min_lr: float = knob(0.0, "LR multiplier at the end of the warm-down")
+    warmdown_frac: float = knob(0.85, "final fraction of the budget with linearly decaying LR")
+    min_lr: float = knob(0.1, "LR multiplier at the end of the warm-down")
     train_batch_tokens: int = knob(786432, "global tokens per optimizer step")
     train_seq_len: int = knob(2048, "training sequence length")
     val_loss_every: int = knob(4000, "validate every N steps (0 = only at the end)")
@@ -127,16 +132,18 @@ class Hyperparameters:
     eval_seq_len: int = knob(2048, "evaluation sequence length")
     train_log_every: int = knob(500, "log train loss every N steps (and the first 5)")
     # optimizers
-    matrix_lr: float = knob(0.022, "Muon LR for block matrices")
+    matrix_lr: float = knob(0.028, "Muon LR for block matrices")
     scalar_lr: float = knob(0.02, "AdamW LR for vectors, scalars and control tensors")
     tied_embed_lr: float = knob(0.03, "AdamW LR for the tied embedding")
     tied_embed_init_std: float = knob(0.005, "init std of the tied embedding")
     embed_lr: float = knob(0.6, "AdamW LR for an untied input embedding (TIE_EMBEDDINGS=0)")
     head_lr: float = knob(0.008, "Adam LR for an untied output head (TIE_EMBEDDINGS=0)")
-    muon_momentum: float = knob(0.99, "Muon momentum after warm-up")
+    muon_momentum: float = knob(0.97, "Muon momentum after warm-up")
     muon_momentum_warmup_start: float = knob(0.92, "Muon momentum at step 0")
     muon_momentum_warmup_steps: int = knob(1500, "steps of linear Muon momentum warm-up")
     muon_backend_steps: int = knob(5, "Newton–Schulz iterations")
+    muon_ns_coeffs: str = knob("polar_express", "Newton–Schulz coefficients: polar_express (one tuple per iteration; "
+                                                "past the 5th the last repeats) or quintic (Muon's fixed one)")
     muon_row_normalize: bool = knob(True, "normalize gradient rows before orthogonalizing")
     muon_update_dtype: str = knob("bf16", "precision of Muon's orthogonalized update when it is applied, bf16 (as the "
                                           "records on CUDA) or fp32, on every device; Newton–Schulz itself runs in "
@@ -145,7 +152,7 @@ class Hyperparameters:
     embed_wd: float = knob(0.085, "AdamW weight decay of the embedding")
     adam_wd: float = knob(0.02, "AdamW weight decay of scalar/control tensors")
     beta1: float = knob(0.9, "Adam β1")
-    beta2: float = knob(0.95, "Adam β2")
+    beta2: float = knob(0.99, "Adam β2")
     adam_eps: float = knob(1e-8, "Adam ε")
     grad_clip_norm: float = knob(0.3, "global gradient-norm clip (0 = off)")
     ema_decay: float = knob(0.9965, "EMA decay of the weights, applied at the end (0 = off)")
@@ -241,6 +248,8 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
     need(hp.mlp_mult > 0, "MLP_MULT", "must be positive")
     need(hp.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+    need(hp.loss_chunk_tokens >= 0, "LOSS_CHUNK_TOKENS", "must be >= 0 (0 = no chunking)")
+    need(hp.muon_ns_coeffs in NS_COEFFICIENTS, "MUON_NS_COEFFS", f"must be one of {', '.join(NS_COEFFICIENTS)}")
     need(hp.xsa_last_n <= hp.num_layers, "XSA_LAST_N", f"must be <= NUM_LAYERS={hp.num_layers}")
     for name in ("LOOP_SAMPLE", "EVAL_LOOPS"):
         need(all(n >= 0 for n in getattr(hp, name.lower())), name, "loop counts must be >= 0")
@@ -1214,6 +1223,9 @@ class GPT(nn.Module):
         smear = hp.smear_gate_enabled
         self.smear_gate_w = nn.Parameter(torch.zeros(1, hp.gate_window)) if smear else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if smear else None
+        if hp.asym_logit_rescale:
+            self.softcap_pos = nn.Parameter(torch.tensor(float(hp.logit_softcap)))
+            self.softcap_neg = nn.Parameter(torch.tensor(float(hp.logit_softcap)))
         rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
         cos, sin = rotary_tables(rope_dims, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -1296,17 +1308,58 @@ class GPT(nn.Module):
             x = self.run_layer(x, x0, layer, slot, cos, sin)
         return rms_norm(x)
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        h = self.hidden_states(input_ids)
+    def head_logits(self, h: Tensor) -> Tensor:
+        """Soft-capped fp32 logits of final hidden states: the one head every loss and score goes through."""
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         z = F.linear(h, weight.to(h.dtype)).float()
+        if self.hp.asym_logit_rescale:
+            return asymmetric_softcap(z, self.softcap_pos, self.softcap_neg)
         cap = self.hp.logit_softcap
         return cap * torch.tanh(z / cap)
 
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        return self.head_logits(self.hidden_states(input_ids))
+
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Mean next-token cross-entropy in nats, computed in fp32."""
-        logits = self.forward_logits(input_ids)
-        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten())
+        """Mean next-token cross-entropy in nats, computed in fp32 (LOSS_CHUNK_TOKENS tokens' logits at a time)."""
+        h, targets = self.hidden_states(input_ids).flatten(0, 1), target_ids.flatten()
+        if self.hp.loss_chunk_tokens > 0:
+            return chunked_cross_entropy(self.head_logits, h, targets, self.hp.loss_chunk_tokens)
+        return F.cross_entropy(self.head_logits(h), targets)
+
+
+# --- The loss head: asymmetric soft cap and the chunked cross-entropy ------------------------------
+
+
+def asymmetric_softcap(z: Tensor, cap_pos: Tensor, cap_neg: Tensor) -> Tensor:
+    """c·tanh(z/c) with c = cap_pos where z ≥ 0 and cap_neg below; equal caps give the symmetric cap exactly.
+
+    How far a likely token may rise and how far an unlikely one may sink are separate questions, so each
+    side gets its own trained cap (AsymLogit). Unlike the public versions, the caps sit in the scalar
+    optimizer and in every forward (this head is the only one), so they actually train.
+    """
+    cap = torch.where(z >= 0, cap_pos.float(), cap_neg.float())
+    return cap * torch.tanh(z / cap)
+
+
+def chunk_nll_sum(head: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(h), targets, reduction="sum")
+
+
+def chunked_cross_entropy(head: Callable[[Tensor], Tensor], h: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """F.cross_entropy(head(h), targets), holding the [tokens, vocab] tensors of one chunk at a time.
+
+    The plain loss keeps the fp32 logits, their capped copy and the log-softmax of the whole micro-batch
+    for the backward (98,304 tokens x 8,192 vocab = 3.2 GB each). Here each chunk's loss is checkpointed:
+    its logits are dropped after the forward and recomputed in the backward, which costs one more head
+    matmul. Non-reentrant checkpointing traces under torch.compile(fullgraph=True), and its recompute
+    replays the forward's autocast state, so bf16 runs recompute the same numbers.
+    """
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.size(0), chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_nll_sum, head, h[start:end], targets[start:end], use_reentrant=False)
+    return total / targets.numel()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1330,14 +1383,38 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
-def newton_schulz(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize g (quintic Newton-Schulz iteration, Muon's coefficients)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+# Newton–Schulz schedules: iteration k computes X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, with its own (a, b, c).
+NS_COEFFICIENTS = {
+    # Polar Express (Amsel et al. 2025): each quintic is minimax-optimal for the singular values the
+    # previous iterations leave, so 5 iterations land closer to 1 than 5 of the fixed quintic.
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+    # Muon's classic quintic, the same at every iteration (the 04-09 record).
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+}
+
+
+def ns_schedule(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each of `steps` iterations: the schedule's tuples in order, a prefix for fewer steps.
+
+    Past the end of the schedule its last tuple repeats (the Polar Express paper's rule; the records instead
+    stop at 5 whatever MUON_BACKEND_STEPS says). The last Polar Express quintic maps singular values in
+    [0.8, 1.2] into [0.91, 1.14] and has a stable fixed point at 1.035, so extra iterations keep them there.
+    """
+    table = NS_COEFFICIENTS[name]
+    return table[:steps] + (table[-1],) * max(0, steps - len(table))
+
+
+def newton_schulz(g: Tensor, steps: int, schedule: str = "polar_express", eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalize g: `steps` Newton-Schulz iterations with the coefficients of `schedule`."""
     x = g / (g.norm() + eps)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.mT
-    for _ in range(steps):
+    for a, b, c in ns_schedule(schedule, steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if tall else x
@@ -1401,19 +1478,30 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-def adamw(params, lr: float, weight_decay: float, hp: Hyperparameters, device: torch.device):
-    return torch.optim.AdamW([dict(params=params, lr=lr, base_lr=lr)], betas=(hp.beta1, hp.beta2),
+# Scalars AdamW trains without weight decay: decay would pull the logit caps towards 0, i.e. tighten
+# them whatever the data says.
+UNDECAYED_PARAMETERS = ("softcap_pos", "softcap_neg")
+
+
+def adamw(params, lr: float, weight_decay: float, hp: Hyperparameters, device: torch.device, undecayed=()):
+    groups = [dict(params=params, lr=lr, base_lr=lr)]
+    if undecayed:
+        groups.append(dict(params=list(undecayed), lr=lr, base_lr=lr, weight_decay=0.0))
+    return torch.optim.AdamW(groups, betas=(hp.beta1, hp.beta2),
                              eps=hp.adam_eps, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    groups = {k: [p for _, p in v] for k, v in param_groups(model).items()}
-    orthogonalize = torch.compile(newton_schulz) if rt.compile else newton_schulz
+    named = param_groups(model)
+    groups = {k: [p for n, p in v if n not in UNDECAYED_PARAMETERS] for k, v in named.items()}
+    undecayed = [p for n, p in named["scalar"] if n in UNDECAYED_PARAMETERS]
+    orthogonalize = functools.partial(newton_schulz, schedule=hp.muon_ns_coeffs)
+    orthogonalize = torch.compile(orthogonalize) if rt.compile else orthogonalize
     optimizers = [
         Muon(groups["matrix"], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps, hp.muon_wd,
              hp.muon_row_normalize, rt.rank, rt.world_size, orthogonalize, muon_precision(hp, rt.device)),
         adamw(groups["embed"], hp.tied_embed_lr if hp.tie_embeddings else hp.embed_lr, hp.embed_wd, hp, rt.device),
-        adamw(groups["scalar"], hp.scalar_lr, hp.adam_wd, hp, rt.device),
+        adamw(groups["scalar"], hp.scalar_lr, hp.adam_wd, hp, rt.device, undecayed),
     ]
     if groups["head"]:
         optimizers.append(adamw(groups["head"], hp.head_lr, 0.0, hp, rt.device))
@@ -1733,7 +1821,8 @@ ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
                       "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                       "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap",
-                      "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled")
+                      "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled",
+                      "asym_logit_rescale")
 
 
 class ArtifactError(ValueError):
