@@ -58,6 +58,20 @@ SUBMISSION_LIMIT_BYTES = 16_000_000  # code + compressed model
 COMPRESSORS = ("brotli", "lzma")  # artifact coders (see the quantization & artifact section)
 FIT_METHODS = ("clip", "prune")  # how the budget fitter shrinks an artifact (same section)
 
+# Newton–Schulz schedules, named by MUON_NS_COEFFS and run in the optimizers section: iteration k
+# computes X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, with its own (a, b, c).
+NS_COEFFICIENTS = {
+    # Polar Express (Amsel et al. 2025): each quintic is minimax-optimal for the singular values the
+    # previous iterations leave, so 5 iterations land closer to 1 than 5 of the fixed quintic.
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+    # Muon's classic quintic, the same at every iteration (the 04-09 record).
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+}
+
 
 def knob(default, doc: str):
     return dataclasses.field(default=default, metadata={"doc": doc})
@@ -224,99 +238,119 @@ def parse_knob(name: str, raw: str, kind):
         raise ConfigError(f"{name}={raw!r}: expected {expected}{suffix}") from None
 
 
+def need(hp: Hyperparameters, ok: bool, name: str, what: str) -> None:
+    """Stop with a ConfigError naming the variable NAME, its value and what it must be."""
+    if not ok:
+        raise ConfigError(f"{name}={getattr(hp, name.lower(), None)!r}: {what}")
+
+
 def check_config(hp: Hyperparameters, world_size: int) -> None:
     """Reject values the run cannot use, before anything is built, naming the variable."""
-
-    def need(ok: bool, name: str, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"{name}={getattr(hp, name.lower(), None)!r}: {what}")
-
     if world_size < 1 or REFERENCE_GPUS % world_size != 0:
         raise ConfigError(f"WORLD_SIZE={world_size}: must divide {REFERENCE_GPUS} "
                           f"(gradient accumulation is {REFERENCE_GPUS} // WORLD_SIZE)")
     for name in ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "TRAIN_SEQ_LEN",
                  "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "VAL_BATCH_TOKENS", "MUON_BACKEND_STEPS"):
-        need(getattr(hp, name.lower()) > 0, name, "must be positive")
+        need(hp, getattr(hp, name.lower()) > 0, name, "must be positive")
     for name in ("ITERATIONS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "NUM_LOOPS",
                  "XSA_LAST_N", "MUON_MOMENTUM_WARMUP_STEPS", "ROPE_DIMS"):
-        need(getattr(hp, name.lower()) >= 0, name, "must be >= 0")
-    need(hp.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
-    need(hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
-    need(hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+        need(hp, getattr(hp, name.lower()) >= 0, name, "must be >= 0")
+    for check in (check_model_config, check_loop_config, check_gate_config, check_training_config,
+                  check_artifact_config, check_evaluation_config):
+        check(hp)
+    need(hp, hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
+    need(hp, hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
+    need(hp, 0.0 <= hp.max_train_val_overlap <= 1.0, "MAX_TRAIN_VAL_OVERLAP", "must be a fraction in [0, 1]")
+
+
+def check_model_config(hp: Hyperparameters) -> None:
+    need(hp, hp.vocab_size <= 65536, "VOCAB_SIZE", "shards store uint16 tokens, so at most 65536")
+    need(hp, hp.model_dim % hp.num_heads == 0, "MODEL_DIM", f"must be divisible by NUM_HEADS={hp.num_heads}")
+    need(hp, hp.num_heads % hp.num_kv_heads == 0, "NUM_HEADS", f"must be divisible by NUM_KV_HEADS={hp.num_kv_heads}")
     head_dim = hp.model_dim // hp.num_heads
-    need(head_dim % 2 == 0, "MODEL_DIM", f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for rotary")
-    need(hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
-    need(hp.mlp_mult > 0, "MLP_MULT", "must be positive")
-    need(hp.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
-    need(hp.loss_chunk_tokens >= 0, "LOSS_CHUNK_TOKENS", "must be >= 0 (0 = no chunking)")
-    need(hp.muon_ns_coeffs in NS_COEFFICIENTS, "MUON_NS_COEFFS", f"must be one of {', '.join(NS_COEFFICIENTS)}")
-    need(hp.xsa_last_n <= hp.num_layers, "XSA_LAST_N", f"must be <= NUM_LAYERS={hp.num_layers}")
-    for name in ("LOOP_SAMPLE", "EVAL_LOOPS"):
-        need(all(n >= 0 for n in getattr(hp, name.lower())), name, "loop counts must be >= 0")
-    need(not hp.loop_sample or hp.num_loops > 0, "LOOP_SAMPLE", "needs NUM_LOOPS > 0 (else looping never turns on)")
-    if hp.num_loops > 0 or hp.eval_loops:
-        need(0 <= hp.loop_start < hp.num_layers, "LOOP_START", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
-        need(hp.loop_start <= hp.loop_end, "LOOP_END", f"must be >= LOOP_START={hp.loop_start}")
-        need(hp.loop_end < hp.num_layers, "LOOP_END", f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}")
-    need(0.0 <= hp.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
-    need(0.0 <= hp.max_train_val_overlap <= 1.0, "MAX_TRAIN_VAL_OVERLAP", "must be a fraction in [0, 1]")
-    if hp.enable_looping_at_step is not None:
-        need(hp.enable_looping_at_step >= 0, "ENABLE_LOOPING_AT_STEP", "must be >= 0")
-    need(0.0 < hp.birkhoff_init < 1.0, "BIRKHOFF_INIT", "must lie strictly between 0 and 1")
+    need(hp, head_dim % 2 == 0, "MODEL_DIM", f"head dim MODEL_DIM/NUM_HEADS={head_dim} must be even for rotary")
+    need(hp, hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim, "ROPE_DIMS", f"must be even and <= head dim {head_dim}")
+    need(hp, hp.mlp_mult > 0, "MLP_MULT", "must be positive")
+    need(hp, hp.logit_softcap > 0, "LOGIT_SOFTCAP", "must be positive")
+    need(hp, hp.loss_chunk_tokens >= 0, "LOSS_CHUNK_TOKENS", "must be >= 0 (0 = no chunking)")
+    need(hp, hp.xsa_last_n <= hp.num_layers, "XSA_LAST_N", f"must be <= NUM_LAYERS={hp.num_layers}")
+    need(hp, 0.0 < hp.birkhoff_init < 1.0, "BIRKHOFF_INIT", "must lie strictly between 0 and 1")
     if hp.timestep_cap is not None:
-        need(hp.timestep_cap > 0, "TIMESTEP_CAP", "must be positive, or 'none' for no clamp")
-    need(0.0 <= hp.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be a fraction in [0, 1]")
-    need(0.0 <= hp.min_lr <= 1.0, "MIN_LR", "must be a multiplier in [0, 1]")
-    need(0.0 <= hp.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
-    need(hp.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", "must be >= 0")
-    need(hp.gptq_reserve_margin >= 1.0, "GPTQ_RESERVE_MARGIN", "must be >= 1 (the estimate is a measurement)")
-    if hp.gptq_reserve_seconds is not None:
-        need(hp.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS", "must be >= 0, or unset to measure it")
-    if hp.max_wallclock_seconds > 0 and hp.gptq_reserve_seconds is not None:
-        need(hp.gptq_reserve_seconds < hp.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
-             f"must leave training time inside MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
-    micro_tokens = REFERENCE_GPUS * hp.train_seq_len
-    need(hp.train_batch_tokens % micro_tokens == 0, "TRAIN_BATCH_TOKENS",
-         f"must be a multiple of {REFERENCE_GPUS} micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
-    need(hp.val_batch_tokens >= REFERENCE_GPUS * hp.eval_seq_len, "VAL_BATCH_TOKENS",
-         f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch "
-         f"({REFERENCE_GPUS} in all)")
-    need(hp.gptq_calibration_batches >= 0, "GPTQ_CALIBRATION_BATCHES", "must be >= 0")
-    need(2 <= hp.matrix_bits <= 8, "MATRIX_BITS", "must be in 2..8 (codes are stored as int8)")
-    need(2 <= hp.embed_bits <= 8, "EMBED_BITS", "must be in 2..8 (codes are stored as int8)")
-    need(hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
-    need(hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
-    need(hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
-    need(0 < hp.artifact_limit_bytes <= SUBMISSION_LIMIT_BYTES, "ARTIFACT_LIMIT_BYTES",
-         f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
-    need(0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
-         f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
-    need(hp.budget_fit_method in FIT_METHODS, "BUDGET_FIT_METHOD", f"must be one of {', '.join(FIT_METHODS)}")
-    if hp.sliding_window_enabled:
-        need(0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
-    need(hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
-    need(hp.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS", "must be positive")
-    need(hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
-    need(not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
-         "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
-    need(hp.ngram_tilt_order >= 2, "NGRAM_TILT_ORDER", "must be >= 2 (a context of at least one token)")
-    need(math.isfinite(hp.ngram_tilt_boost) and hp.ngram_tilt_boost >= 0, "NGRAM_TILT_BOOST", "must be finite and >= 0")
-    need(0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
-    need(not hp.ngram_tilt or hp.sliding_window_enabled, "NGRAM_TILT",
-         "the tilt applies to sliding-window (and TTT) scores: set SLIDING_WINDOW_ENABLED=1")
-    need(hp.muon_update_dtype in ("bf16", "fp32"), "MUON_UPDATE_DTYPE", "must be bf16 or fp32")
-    need(hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
-    need(hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
-    need(hp.embedding_dim in (None, hp.model_dim), "EMBEDDING_DIM",
+        need(hp, hp.timestep_cap > 0, "TIMESTEP_CAP", "must be positive, or 'none' for no clamp")
+    need(hp, hp.embedding_dim in (None, hp.model_dim), "EMBEDDING_DIM",
          f"a factored embedding is not supported; unset it or make it equal MODEL_DIM={hp.model_dim}")
-    check_gate_config(hp)
+
+
+def check_loop_config(hp: Hyperparameters) -> None:
+    for name in ("LOOP_SAMPLE", "EVAL_LOOPS"):
+        need(hp, all(n >= 0 for n in getattr(hp, name.lower())), name, "loop counts must be >= 0")
+    need(hp, not hp.loop_sample or hp.num_loops > 0, "LOOP_SAMPLE", "needs NUM_LOOPS > 0 (else looping never turns on)")
+    if hp.num_loops > 0 or hp.eval_loops:
+        band = f"loop band must lie in 0..NUM_LAYERS-1={hp.num_layers - 1}"
+        need(hp, 0 <= hp.loop_start < hp.num_layers, "LOOP_START", band)
+        need(hp, hp.loop_start <= hp.loop_end, "LOOP_END", f"must be >= LOOP_START={hp.loop_start}")
+        need(hp, hp.loop_end < hp.num_layers, "LOOP_END", band)
+    need(hp, 0.0 <= hp.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
+    if hp.enable_looping_at_step is not None:
+        need(hp, hp.enable_looping_at_step >= 0, "ENABLE_LOOPING_AT_STEP", "must be >= 0")
 
 
 def check_gate_config(hp: Hyperparameters) -> None:
     """The gates read the first GATE_WINDOW channels of a MODEL_DIM-wide vector."""
-    if (hp.sparse_attn_gate_enabled or hp.smear_gate_enabled) and not 0 < hp.gate_window <= hp.model_dim:
-        raise ConfigError(f"GATE_WINDOW={hp.gate_window}: must be in 1..MODEL_DIM={hp.model_dim} "
-                          "(or turn off SPARSE_ATTN_GATE_ENABLED and SMEAR_GATE_ENABLED)")
+    if hp.sparse_attn_gate_enabled or hp.smear_gate_enabled:
+        need(hp, 0 < hp.gate_window <= hp.model_dim, "GATE_WINDOW", f"must be in 1..MODEL_DIM={hp.model_dim} "
+             "(or turn off SPARSE_ATTN_GATE_ENABLED and SMEAR_GATE_ENABLED)")
+
+
+def check_training_config(hp: Hyperparameters) -> None:
+    need(hp, hp.muon_ns_coeffs in NS_COEFFICIENTS, "MUON_NS_COEFFS", f"must be one of {', '.join(NS_COEFFICIENTS)}")
+    need(hp, hp.muon_update_dtype in ("bf16", "fp32"), "MUON_UPDATE_DTYPE", "must be bf16 or fp32")
+    need(hp, 0.0 <= hp.warmdown_frac <= 1.0, "WARMDOWN_FRAC", "must be a fraction in [0, 1]")
+    need(hp, 0.0 <= hp.min_lr <= 1.0, "MIN_LR", "must be a multiplier in [0, 1]")
+    need(hp, 0.0 <= hp.ema_decay < 1.0, "EMA_DECAY", "must lie in [0, 1)")
+    need(hp, hp.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", "must be >= 0")
+    need(hp, hp.gptq_reserve_margin >= 1.0, "GPTQ_RESERVE_MARGIN", "must be >= 1 (the estimate is a measurement)")
+    if hp.gptq_reserve_seconds is not None:
+        need(hp, hp.gptq_reserve_seconds >= 0, "GPTQ_RESERVE_SECONDS", "must be >= 0, or unset to measure it")
+        if hp.max_wallclock_seconds > 0:
+            need(hp, hp.gptq_reserve_seconds < hp.max_wallclock_seconds, "GPTQ_RESERVE_SECONDS",
+                 f"must leave training time inside MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}")
+    micro_tokens = REFERENCE_GPUS * hp.train_seq_len
+    need(hp, hp.train_batch_tokens % micro_tokens == 0, "TRAIN_BATCH_TOKENS",
+         f"must be a multiple of {REFERENCE_GPUS} micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
+
+
+def check_artifact_config(hp: Hyperparameters) -> None:
+    need(hp, hp.gptq_calibration_batches >= 0, "GPTQ_CALIBRATION_BATCHES", "must be >= 0")
+    need(hp, 2 <= hp.matrix_bits <= 8, "MATRIX_BITS", "must be in 2..8 (codes are stored as int8)")
+    need(hp, 2 <= hp.embed_bits <= 8, "EMBED_BITS", "must be in 2..8 (codes are stored as int8)")
+    need(hp, hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
+    need(hp, hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
+    need(hp, hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
+    need(hp, 0 < hp.artifact_limit_bytes <= SUBMISSION_LIMIT_BYTES, "ARTIFACT_LIMIT_BYTES",
+         f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
+    need(hp, 0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
+         f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
+    need(hp, hp.budget_fit_method in FIT_METHODS, "BUDGET_FIT_METHOD", f"must be one of {', '.join(FIT_METHODS)}")
+
+
+def check_evaluation_config(hp: Hyperparameters) -> None:
+    need(hp, hp.val_batch_tokens >= REFERENCE_GPUS * hp.eval_seq_len, "VAL_BATCH_TOKENS",
+         f"must hold at least one EVAL_SEQ_LEN={hp.eval_seq_len} sequence per rank and micro-batch "
+         f"({REFERENCE_GPUS} in all)")
+    if hp.sliding_window_enabled:
+        need(hp, 0 < hp.eval_stride <= hp.eval_seq_len, "EVAL_STRIDE", f"must be in 1..EVAL_SEQ_LEN={hp.eval_seq_len}")
+    need(hp, hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
+    need(hp, hp.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS", "must be positive")
+    need(hp, hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
+    need(hp, not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
+         "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
+    need(hp, hp.ngram_tilt_order >= 2, "NGRAM_TILT_ORDER", "must be >= 2 (a context of at least one token)")
+    need(hp, math.isfinite(hp.ngram_tilt_boost) and hp.ngram_tilt_boost >= 0, "NGRAM_TILT_BOOST",
+         "must be finite and >= 0")
+    need(hp, 0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
+    need(hp, not hp.ngram_tilt or hp.sliding_window_enabled, "NGRAM_TILT",
+         "the tilt applies to sliding-window (and TTT) scores: set SLIDING_WINDOW_ENABLED=1")
 
 
 def micro_batch_seqs(global_tokens: int, seq_len: int) -> int:
@@ -1381,20 +1415,6 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
         else:
             groups["scalar"].append((name, p))
     return groups
-
-
-# Newton–Schulz schedules: iteration k computes X ← a·X + (b·A + c·A²)·X, A = X·Xᵀ, with its own (a, b, c).
-NS_COEFFICIENTS = {
-    # Polar Express (Amsel et al. 2025): each quintic is minimax-optimal for the singular values the
-    # previous iterations leave, so 5 iterations land closer to 1 than 5 of the fixed quintic.
-    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
-    # Muon's classic quintic, the same at every iteration (the 04-09 record).
-    "quintic": ((3.4445, -4.7750, 2.0315),),
-}
 
 
 def ns_schedule(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
