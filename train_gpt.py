@@ -1896,10 +1896,11 @@ def unpack_pergroup(blob: bytes) -> tuple[list[dict], bytes, bytes]:
         side = brotli.decompress(blob[4:4 + side_len])
         table_len = int.from_bytes(side[:4], "little")
         tables = json.loads(side[4:4 + table_len])
-    except (brotli.error, ValueError):
+        coded_bytes = 4 * sum(t["words"] for t in tables)
+    except (brotli.error, ValueError, KeyError, TypeError):
         raise ArtifactError("cannot decompress the artifact (pergroup); the file is truncated or corrupted") from None
     words = blob[4 + side_len:]
-    if not isinstance(tables, list) or 4 * sum(t["words"] for t in tables) != len(words):
+    if coded_bytes != len(words):
         raise ArtifactError("the artifact's code streams have the wrong length; the file is truncated or corrupted")
     return tables, side[4 + table_len:], words
 
