@@ -178,11 +178,11 @@ def test_byte_planes_round_trip():
 # --- budget fitter -------------------------------------------------------------------------------
 
 
-def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune"):
+def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune", compressor: str = "lzma"):
     """One-layer model (3 quantized matrices), a Hessian on one of them, and hp whose limit is GPTQ's
     compressed size + limit_delta (code bytes are 0 here). lzma: the fitter is the same for either
     compressor, and lzma compresses this ~2.5x faster than brotli-11 (the end-to-end test uses brotli)."""
-    hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR="lzma")
+    hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR=compressor)
     hessians = {"blocks.0.mlp.fc.weight": torch.diag(torch.linspace(0.1, 2.0, 160))}
     q = tg.quantize_state(model, hessians, hp)
     base = len(tg.serialize_artifact(q, hp))
@@ -211,6 +211,14 @@ def test_fitter_lands_at_or_under_limit_minus_margin_by_pruning_ones():
         else:
             assert fitted[name] is entry
     assert changed == report["amount"] and report["hessian_error"] > 0
+
+
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitter_fits_a_pergroup_artifact(method):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-3000, method=method, compressor="pergroup")
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert len(blob) <= report["target"] < base and report["after"] == len(blob)
+    assert blob == tg.serialize_artifact(fitted, hp)
 
 
 def test_fitter_prunes_the_cheapest_ones_first():
