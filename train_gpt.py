@@ -1804,8 +1804,8 @@ def decompress(blob: bytes, compressor: str) -> bytes:
 
 # --- Per-group compressor (COMPRESSOR=pergroup). The quantized codes are nearly independent draws
 # from a few distributions, one per tensor role, so an order-0 entropy coder over each role's code
-# histogram reaches their entropy, which brotli-11 misses by ~1.4% (BENCHMARKS.md) while spending
-# ~100x the time. Layout: u32 len(A) | A | B, where A = brotli(u32 table length | table JSON | the raw
+# histogram reaches their entropy, which brotli-11 misses by 0.5-1.4% (BENCHMARKS.md, issue 14)
+# while spending ~100x the time. Layout: u32 len(A) | A | B, where A = brotli(u32 table length | table JSON | the raw
 # container minus its code bytes) and B = the ANS words of each role group, in table order. The
 # table holds each group's role, smallest code, histogram and word count; which bytes of the
 # container belong to which group follows from the container's own header, and its payload checksum

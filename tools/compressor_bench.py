@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """Artifact coders compared per tensor group on a default-shape quantized state (issue 14).
 
-The state is the default model shape with Gaussian matrices quantized by `gptq_quantize` without a
-Hessian (round to nearest): its int codes are close to a trained model's in distribution but have
-none of a trained model's structure across rows and columns, so this measures the order-0 part of
-the gain only. Every size is exact bytes of a real compression; times are wall seconds.
+Without --artifact the state is the model shape of the environment's knobs (default: 11 x 512, vocab
+8192) with Gaussian matrices quantized by `gptq_quantize` without a Hessian (round to nearest): its
+int codes are close to a trained model's in distribution but have none of a trained model's
+structure across rows and columns, so it measures the order-0 part of the gain only. Every size is
+exact bytes of a real compression; times are wall seconds.
 
     OMP_NUM_THREADS=1 python3 tools/compressor_bench.py          # H0, ANS, brotli-11 per group + both artifacts
     OMP_NUM_THREADS=1 python3 tools/compressor_bench.py --more   # also zstd-22 and PPMd (pip zstandard, pyppmd)
+    python3 tools/compressor_bench.py --artifact final_model.int6.ptz  # a trained run's state instead (same
+                                                                       # architecture knobs in the environment)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,9 +77,10 @@ def timed(fn, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--more", action="store_true", help="also zstd-22 and PPMd")
+    parser.add_argument("--artifact", type=Path, help="measure this artifact's state instead of Gaussian weights")
     args = parser.parse_args()
-    hp = tg.Hyperparameters.from_env({})
-    quantized = gaussian_state(hp)
+    hp = tg.Hyperparameters.from_env(os.environ)
+    quantized = tg.parse_artifact(args.artifact.read_bytes(), hp) if args.artifact else gaussian_state(hp)
     print("| group | raw bytes | order-0 entropy | " + " | ".join(coders(args.more)) + " |")
     for group, data in groups_of(quantized).items():
         cells = []
