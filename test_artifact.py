@@ -455,6 +455,19 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
     assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the pruned file was read
 
 
+def test_pergroup_run_scores_exactly_what_the_brotli_run_scores(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], MODEL_DIM=160)  # 512 x 160 embedding: int8 codes
+    records = {}
+    for compressor in ("brotli", "pergroup"):
+        main_in_process(monkeypatch, dict(env, RUN_ID=compressor, COMPRESSOR=compressor))
+        records[compressor] = json.loads((tmp_path / "logs" / f"{compressor}.json").read_text())
+        log = (tmp_path / "logs" / f"{compressor}.txt").read_text()
+        assert f"Serialized model quantized+{compressor}: " in log
+    assert records["pergroup"]["metrics"]["post_quant_val_bpb"] == records["brotli"]["metrics"]["post_quant_val_bpb"]
+    assert records["pergroup"]["total_bytes"] < records["brotli"]["total_bytes"]
+
+
 # --- training time includes GPTQ; the run checks its own compliance ------------------------------
 
 
