@@ -265,7 +265,8 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     need(hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
     need(hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
     need(hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
-    need(hp.compressor != "pergroup" or ans_coder_missing() is None, "COMPRESSOR", f"pergroup: {ans_coder_missing()}")
+    coder_missing = ans_coder_missing() if hp.compressor == "pergroup" else None
+    need(coder_missing is None, "COMPRESSOR", f"pergroup {coder_missing}")
     need(0 < hp.artifact_limit_bytes <= SUBMISSION_LIMIT_BYTES, "ARTIFACT_LIMIT_BYTES",
          f"must be in 1..{SUBMISSION_LIMIT_BYTES} (the challenge's limit)")
     need(0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
