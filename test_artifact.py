@@ -103,7 +103,7 @@ def test_artifact_loads_strictly_into_a_fresh_model(tmp_path):
         assert torch.equal(loaded.state_dict()[name], t)
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
+@pytest.mark.parametrize("compressor", tg.COMPRESSORS)
 def test_corrupted_and_truncated_artifacts_fail_clearly(compressor):
     hp, _, q = quantized_model(COMPRESSOR=compressor)
     blob = tg.serialize_artifact(q, hp)
@@ -133,6 +133,42 @@ def test_artifact_for_another_shape_is_refused(tmp_path):
         tg.load_artifact(tmp_path / "missing.ptz", hp, CPU)
 
 
+def test_pergroup_round_trip_is_exact_for_every_storage_kind():
+    hp, _, q = quantized_model(COMPRESSOR="pergroup", MATRIX_BITS=5)
+    q["blocks.1.mlp.fc.weight"]["codes"].zero_()  # a group with a single symbol
+    q["tok_emb.weight"]["codes"][0, :2] = torch.tensor([-127, 127], dtype=torch.int8)  # the extreme codes
+    kinds = {("int", q[n]["bits"]) if "codes" in q[n] else ("fp16", None) for n in q}
+    assert kinds == {("int", 8), ("int", 5), ("fp16", None)}
+    blob = tg.serialize_artifact(q, hp)
+    assert blob[5:5 + blob[4]] == b"pergroup"
+    back = tg.parse_artifact(blob, hp)
+    assert back.keys() == q.keys()
+    for name, stored in q.items():
+        for key, value in stored.items():
+            assert (torch.equal(back[name][key], value) and back[name][key].dtype == value.dtype
+                    if torch.is_tensor(value) else back[name][key] == value), (name, key)
+
+
+def test_pergroup_codes_one_histogram_per_role_and_beats_brotli():
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    brotli_bytes = len(tg.serialize_artifact(q, tg.dataclasses.replace(hp, compressor="brotli")))
+    blob = tg.serialize_artifact(q, hp)
+    tables, _, _ = tg.unpack_pergroup(blob[5 + blob[4]:])
+    assert [t["role"] for t in tables] == ["tok_emb.weight", "mlp.fc.weight", "mlp.proj.weight"]
+    assert sum(sum(t["counts"]) for t in tables) == sum(v["codes"].numel() for v in q.values() if "codes" in v)
+    assert len(blob) < brotli_bytes
+
+
+def test_pergroup_without_its_coder_names_the_package(monkeypatch):
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    blob = tg.serialize_artifact(q, hp)
+    monkeypatch.setitem(sys.modules, "constriction", None)  # makes `import constriction` fail
+    with pytest.raises(tg.ArtifactError, match=r"compressor pergroup needs the pip package constriction \(pip install constriction\)"):
+        tg.parse_artifact(blob, hp)
+    with pytest.raises(tg.ConfigError, match="COMPRESSOR.*pip install constriction"):
+        tg.check_config(hp, world_size=1)
+
+
 def test_byte_planes_round_trip():
     data = np.arange(1000, dtype=np.float16).tobytes()
     planes = tg.byte_planes(data, 2)
@@ -142,11 +178,11 @@ def test_byte_planes_round_trip():
 # --- budget fitter -------------------------------------------------------------------------------
 
 
-def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune"):
+def fitter_setup(limit_delta: int, margin: int = 1000, method: str = "prune", compressor: str = "lzma"):
     """One-layer model (3 quantized matrices), a Hessian on one of them, and hp whose limit is GPTQ's
     compressed size + limit_delta (code bytes are 0 here). lzma: the fitter is the same for either
     compressor, and lzma compresses this ~2.5x faster than brotli-11 (the end-to-end test uses brotli)."""
-    hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR="lzma")
+    hp, model, q = quantized_model(NUM_LAYERS=1, NUM_LOOPS=0, XSA_LAST_N=1, COMPRESSOR=compressor)
     hessians = {"blocks.0.mlp.fc.weight": torch.diag(torch.linspace(0.1, 2.0, 160))}
     q = tg.quantize_state(model, hessians, hp)
     base = len(tg.serialize_artifact(q, hp))
@@ -175,6 +211,14 @@ def test_fitter_lands_at_or_under_limit_minus_margin_by_pruning_ones():
         else:
             assert fitted[name] is entry
     assert changed == report["amount"] and report["hessian_error"] > 0
+
+
+@pytest.mark.parametrize("method", tg.FIT_METHODS)
+def test_fitter_fits_a_pergroup_artifact(method):
+    hp, model, q, hessians, base = fitter_setup(limit_delta=-3000, method=method, compressor="pergroup")
+    fitted, blob, report = fit(hp, model, q, hessians)
+    assert len(blob) <= report["target"] < base and report["after"] == len(blob)
+    assert blob == tg.serialize_artifact(fitted, hp)
 
 
 def test_fitter_prunes_the_cheapest_ones_first():
@@ -410,6 +454,19 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
                      rf"after {fit['after']} bytes .* method clip: clip sigmas x{1 + fit['amount'] / 100:.2f}", log, re.M)
     assert f"Total submission size quantized+brotli: {fit['after']} bytes" in log
     assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the fitted file was read
+
+
+def test_pergroup_run_scores_exactly_what_the_brotli_run_scores(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], MODEL_DIM=160)  # 512 x 160 embedding: int8 codes
+    records = {}
+    for compressor in ("brotli", "pergroup"):
+        main_in_process(monkeypatch, dict(env, RUN_ID=compressor, COMPRESSOR=compressor))
+        records[compressor] = json.loads((tmp_path / "logs" / f"{compressor}.json").read_text())
+        log = (tmp_path / "logs" / f"{compressor}.txt").read_text()
+        assert f"Serialized model quantized+{compressor}: " in log
+    assert records["pergroup"]["metrics"]["post_quant_val_bpb"] == records["brotli"]["metrics"]["post_quant_val_bpb"]
+    assert records["pergroup"]["total_bytes"] < records["brotli"]["total_bytes"]
 
 
 # --- training time includes GPTQ; the run checks its own compliance ------------------------------
