@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import importlib
+import itertools
 import json
 import lzma
 import math
@@ -49,6 +50,8 @@ class ConfigError(ValueError):
 
 # Loop counts are in NUM_LOOPS's unit: extra passes of the band (0 = the band runs once).
 LoopCounts = tuple[int, ...]
+# A training-context schedule: (sequence length, last training fraction it serves), fractions increasing to 1.
+SeqSchedule = tuple[tuple[int, float], ...]
 
 # The challenge's hardware. The global batch is defined for it: a run on fewer GPUs accumulates
 # gradients over REFERENCE_GPUS // WORLD_SIZE micro-batches, so it optimizes the same objective.
@@ -152,6 +155,8 @@ class Hyperparameters:
     min_lr: float = knob(0.1, "LR multiplier at the end of the warm-down")
     train_batch_tokens: int = knob(786432, "global tokens per optimizer step")
     train_seq_len: int = knob(2048, "training sequence length")
+    train_seq_schedule: SeqSchedule = knob((), "progressive training context, e.g. 1024@0.1,2048@0.7,3072@1.0: "
+                                               "length L while the training fraction is <= F (empty: TRAIN_SEQ_LEN)")
     val_loss_every: int = knob(4000, "validate every N steps (0 = only at the end)")
     val_batch_tokens: int = knob(524288, "validation tokens per forward, summed over ranks and accumulation")
     eval_seq_len: int = knob(2048, "evaluation sequence length")
@@ -235,6 +240,8 @@ def parse_knob(name: str, raw: str, kind):
     try:
         if base == LoopCounts:
             return tuple(sorted({int(item) for item in text.split(",") if item.strip()}))
+        if base == SeqSchedule:
+            return parse_seq_schedule(text)
         if base is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -244,9 +251,21 @@ def parse_knob(name: str, raw: str, kind):
         return base(text)
     except ValueError:
         expected = {bool: "0 or 1", int: "an integer", float: "a number", str: "a string",
-                    LoopCounts: "comma-separated integers, e.g. 1,2,3"}[base]
+                    LoopCounts: "comma-separated integers, e.g. 1,2,3",
+                    SeqSchedule: "comma-separated LENGTH@FRACTION pairs, e.g. 1024@0.1,2048@1.0"}[base]
         suffix = " or 'none'" if optional else ""
         raise ConfigError(f"{name}={raw!r}: expected {expected}{suffix}") from None
+
+
+def parse_seq_schedule(text: str) -> SeqSchedule:
+    """'1024@0.1,2048@1.0' -> ((1024, 0.1), (2048, 1.0)); a malformed pair raises ValueError."""
+    stages = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        length, at, fraction = item.partition("@")
+        if not at:
+            raise ValueError(item)
+        stages.append((int(length), float(fraction)))
+    return tuple(stages)
 
 
 def need(hp: Hyperparameters, ok: bool, name: str, what: str) -> None:
@@ -267,7 +286,7 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
                  "XSA_LAST_N", "MUON_MOMENTUM_WARMUP_STEPS", "ROPE_DIMS"):
         need(hp, getattr(hp, name.lower()) >= 0, name, "must be >= 0")
     for check in (check_model_config, check_loop_config, check_gate_config, check_training_config,
-                  check_artifact_config, check_evaluation_config):
+                  check_seq_schedule_config, check_artifact_config, check_evaluation_config):
         check(hp)
     need(hp, hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
     need(hp, hp.compile in ("auto", "0", "1"), "COMPILE", "must be auto, 0 or 1")
@@ -329,6 +348,25 @@ def check_training_config(hp: Hyperparameters) -> None:
     micro_tokens = REFERENCE_GPUS * hp.train_seq_len
     need(hp, hp.train_batch_tokens % micro_tokens == 0, "TRAIN_BATCH_TOKENS",
          f"must be a multiple of {REFERENCE_GPUS} micro-batches x TRAIN_SEQ_LEN={hp.train_seq_len} = {micro_tokens}")
+
+
+def check_seq_schedule_config(hp: Hyperparameters) -> None:
+    """Every scheduled length must fit the rotary table and split the global batch like TRAIN_SEQ_LEN does."""
+    stages = hp.train_seq_schedule
+    if not stages:
+        return
+    lengths, fractions = [length for length, _ in stages], [fraction for _, fraction in stages]
+    need(hp, all(length > 0 for length in lengths), "TRAIN_SEQ_SCHEDULE", "lengths must be positive")
+    need(hp, all(a < b for a, b in zip([0.0, *fractions], fractions)), "TRAIN_SEQ_SCHEDULE",
+         "fractions must be positive and increasing")
+    need(hp, fractions[-1] == 1.0, "TRAIN_SEQ_SCHEDULE", "the last fraction must be 1.0 (the end of training)")
+    rotary = max(hp.train_seq_len, hp.eval_seq_len)
+    need(hp, max(lengths) <= rotary, "TRAIN_SEQ_SCHEDULE",
+         f"lengths must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
+    for length in lengths:
+        need(hp, hp.train_batch_tokens % (REFERENCE_GPUS * length) == 0, "TRAIN_SEQ_SCHEDULE",
+             f"length {length}: TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be a multiple of "
+             f"{REFERENCE_GPUS} micro-batches x {length} = {REFERENCE_GPUS * length}")
 
 
 def check_artifact_config(hp: Hyperparameters) -> None:
@@ -596,11 +634,17 @@ class TrainLoader:
 
     An epoch cuts every shard into sequences at a random phase (shared by all ranks), deals the
     sequences to ranks round-robin, and each rank visits its share in its own random order.
+
+    Under TRAIN_SEQ_SCHEDULE the epoch is cut into slots of the longest scheduled length (`slot_len`)
+    and a shorter length takes as many whole sequences from each slot as fit: a switch of length then
+    never re-serves tokens of the epoch (a 2048 from a 3072 slot skips the last 1024).
     """
 
     def __init__(self, files: list[Path], seq_len: int, vocab_size: int, seed: int, rank: int,
-                 world_size: int, device: torch.device):
+                 world_size: int, device: torch.device, slot_len: Optional[int] = None):
         self.files, self.seq_len, self.vocab_size = files, seq_len, vocab_size
+        self.slot_len = slot_len or seq_len
+        self.piece = 0  # sequences already taken from the current slot
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
         self.shards = [open_shard(f) for f in files]
         self.epoch = -1
@@ -612,14 +656,15 @@ class TrainLoader:
         shared = np.random.default_rng([self.seed, self.epoch])
         slots = []
         for shard_id, shard in enumerate(self.shards):
-            phase = int(shared.integers(self.seq_len))
-            count = max(0, (len(shard) - 1 - phase) // self.seq_len)
-            starts = phase + self.seq_len * np.arange(count, dtype=np.int64)
+            phase = int(shared.integers(self.slot_len))
+            count = max(0, (len(shard) - 1 - phase) // self.slot_len)
+            starts = phase + self.slot_len * np.arange(count, dtype=np.int64)
             slots.append(np.stack([np.full(count, shard_id, dtype=np.int64), starts], axis=1))
         everything = np.concatenate(slots)
         mine = everything[self.rank::self.world_size]
         if len(mine) == 0:
-            raise DataError(f"training shards hold too few tokens for one sequence of TRAIN_SEQ_LEN={self.seq_len} "
+            raise DataError(f"training shards hold too few tokens for one sequence of {self.slot_len} tokens "
+                            f"(TRAIN_SEQ_LEN, or TRAIN_SEQ_SCHEDULE's longest length) "
                             f"per rank ({len(everything)} sequences for {self.world_size} ranks)")
         own = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
         self.order = mine[own.permutation(len(mine))]
@@ -631,14 +676,26 @@ class TrainLoader:
             if self.cursor >= len(self.order):
                 self.start_epoch()
             shard_id, start = self.order[self.cursor]
-            self.cursor += 1
+            start += self.piece * self.seq_len
             rows.append(self.shards[shard_id][start:start + self.seq_len + 1])
+            self.piece += 1
+            if (self.piece + 1) * self.seq_len > self.slot_len:
+                self.cursor, self.piece = self.cursor + 1, 0
         batch = np.stack(rows).astype(np.int64)
         check_token_range(batch, self.vocab_size, f"training shard(s) {[str(f) for f in self.files]}")
         tokens = torch.from_numpy(batch)
         if self.device.type == "cuda":
             tokens = tokens.pin_memory().to(self.device, non_blocking=True)
         return tokens[:, :-1], tokens[:, 1:]
+
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """Serve sequences of `seq_len` tokens from now on, starting at the next untouched slot."""
+        if seq_len > self.slot_len:
+            raise ValueError(f"sequence length {seq_len} exceeds the loader's slots of {self.slot_len}")
+        if self.piece:
+            self.cursor, self.piece = self.cursor + 1, 0
+        self.seq_len = seq_len
 
 
 def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
@@ -1593,6 +1650,19 @@ def lr_multiplier(frac: float, hp: Hyperparameters) -> float:
     return hp.min_lr + (1.0 - hp.min_lr) * progress
 
 
+def seq_len_at(frac: float, hp: Hyperparameters) -> int:
+    """The training sequence length at this training fraction: the first stage whose fraction is >= frac."""
+    for length, fraction in hp.train_seq_schedule:
+        if frac <= fraction:
+            return length
+    return hp.train_seq_schedule[-1][0] if hp.train_seq_schedule else hp.train_seq_len
+
+
+def train_seq_lens(hp: Hyperparameters) -> list[int]:
+    """Every sequence length training uses, in schedule order."""
+    return list(dict.fromkeys(length for length, _ in hp.train_seq_schedule)) or [hp.train_seq_len]
+
+
 def muon_momentum_at(step: int, hp: Hyperparameters) -> float:
     if hp.muon_momentum_warmup_steps <= 0:
         return hp.muon_momentum
@@ -1665,6 +1735,7 @@ class TrainingRecord:
     looping_step: Optional[int] = None
     draws: list[int] = dataclasses.field(default_factory=list)  # the loop count of every looped step
     recompiles: int = 0  # graphs compiled inside the timed steps
+    seq_switches: list[dict] = dataclasses.field(default_factory=list)  # TRAIN_SEQ_SCHEDULE's switches
 
 
 class Trainer:
@@ -1680,11 +1751,16 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, hp, rt)
         self.train_files = find_shards(hp, "train")
         self.loader = self.new_loader()
-        self.seqs_per_micro = micro_batch_seqs(hp.train_batch_tokens, hp.train_seq_len)
+        self.seqs_per_micro = micro_batch_seqs(hp.train_batch_tokens, self.loader.seq_len)
 
     def new_loader(self) -> TrainLoader:
-        return TrainLoader(self.train_files, self.hp.train_seq_len, self.hp.vocab_size, self.hp.seed,
-                           self.rt.rank, self.rt.world_size, self.rt.device)
+        return TrainLoader(self.train_files, seq_len_at(0.0, self.hp), self.hp.vocab_size, self.hp.seed,
+                           self.rt.rank, self.rt.world_size, self.rt.device, slot_len=max(train_seq_lens(self.hp)))
+
+    def use_seq_len(self, seq_len: int) -> None:
+        """Train on sequences of `seq_len` tokens; the global batch stays TRAIN_BATCH_TOKENS tokens."""
+        self.loader.set_seq_len(seq_len)
+        self.seqs_per_micro = micro_batch_seqs(self.hp.train_batch_tokens, seq_len)
 
     def calibration_batches(self, count: int) -> Iterator[Tensor]:
         """The next `count` training micro-batches' inputs (GPTQ's calibration data)."""
@@ -1716,22 +1792,26 @@ class Trainer:
         return total / accum
 
     def warm_up(self) -> None:
-        """Run WARMUP_STEPS steps at every loop count training uses, to compile each graph, then undo them."""
+        """Run WARMUP_STEPS steps at every (sequence length, loop count) pair training may use, to
+        compile each graph before the clock starts, then undo them."""
         if self.hp.warmup_steps == 0:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for loops in self.model.plan.trained_counts:
+        for seq_len, loops in itertools.product(train_seq_lens(self.hp), self.model.plan.trained_counts):
             t0 = time.perf_counter()
+            self.use_seq_len(seq_len)
             with self.model.looping(loops):
                 for i in range(self.hp.warmup_steps):
                     self.step(i, 1.0)
             synchronize(self.rt.device)
-            self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done in {time.perf_counter() - t0:.1f}s")
+            self.log(f"warmup: {self.hp.warmup_steps} steps loops:{loops} done in {time.perf_counter() - t0:.1f}s "
+                     f"(seq_len {seq_len})")
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
         self.loader = self.new_loader()
+        self.use_seq_len(self.loader.seq_len)
         synchronize(self.rt.device)
 
     def synced_ms(self, elapsed_ms: float) -> float:
@@ -1813,11 +1893,21 @@ class Trainer:
         if record.looping_step is not None:
             loops = loop_count_at(step, hp)
             record.draws.append(loops)
+        self.follow_seq_schedule(record, frac)
         graphs = compiled_graph_count()
         with self.model.looping(loops):
             loss = self.step(step, lr_multiplier(frac, hp))
         record.recompiles += compiled_graph_count() - graphs
         return loss
+
+    def follow_seq_schedule(self, record: TrainingRecord, frac: float) -> None:
+        """Switch to TRAIN_SEQ_SCHEDULE's length for this training fraction when it changes, and log it."""
+        seq_len = seq_len_at(frac, self.hp)
+        if seq_len == self.loader.seq_len:
+            return
+        self.log(f"seq_len: {self.loader.seq_len} -> {seq_len} at step {record.steps} frac {frac:.3f}")
+        record.seq_switches.append(dict(step=record.steps, frac=round(frac, 4), seq_len=seq_len))
+        self.use_seq_len(seq_len)
 
     def log_step(self, record: TrainingRecord, loss: Tensor, stop: bool) -> None:
         hp, step, elapsed = self.hp, record.steps, record.elapsed_ms
@@ -1837,7 +1927,8 @@ def report_training(record: TrainingRecord, hp: Hyperparameters, rt: Runtime, lo
                steps_per_loop_count={n: record.draws.count(n) for n in sorted(set(record.draws))},
                tokens_per_s=record.steps * hp.train_batch_tokens / max(record.elapsed_ms / 1000.0, 1e-9),
                peak_memory_mib=round(peak_memory_mib(rt.device), 1),
-               graphs_compiled_in_timed_steps=record.recompiles if rt.compile else None)
+               graphs_compiled_in_timed_steps=record.recompiles if rt.compile else None,
+               seq_len_switches=record.seq_switches)
 
 
 # -----------------------------------------------------------------------------------------------
