@@ -1,14 +1,16 @@
 """Tests of the progressive training context (TRAIN_SEQ_SCHEDULE): parsing and its errors, the
 fraction -> length map, the loader's slots, and a tiny in-process run that switches length."""
 
+import json
 import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import E2E, hparams
+from conftest import E2E, REPO, hparams
 
 CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
                  attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
@@ -141,3 +143,14 @@ def test_a_run_switches_length_at_the_scheduled_steps(tiny_data, tmp_path, monke
     text = (tmp_path / "logs" / "ctx.txt").read_text()
     assert "seq_len: 16 -> 32 at step 3 frac 0.375" in text and "seq_len: 32 -> 64 at step 5 frac 0.625" in text
     assert trainer.seqs_per_micro == 4096 // (8 * 64)
+
+
+def test_a_recorded_schedule_is_written_back_as_the_env_value_that_reproduces_it():
+    sys.path.insert(0, str(REPO / "tools"))
+    import package_record
+    hp = hparams(TRAIN_SEQ_SCHEDULE="1024@0.1,2048@0.7,3072@1.0", LOOP_SAMPLE="1,2")
+    recorded = json.loads(json.dumps(hp.as_dict()))  # as logs/{RUN_ID}.json stores it
+    for name in ("train_seq_schedule", "loop_sample"):
+        raw = package_record.env_value(recorded[name])
+        assert hparams(**{name.upper(): raw}).as_dict()[name] == getattr(hp, name)
+    assert package_record.env_value(recorded["train_seq_schedule"]) == "1024@0.1,2048@0.7,3072@1.0"

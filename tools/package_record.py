@@ -217,8 +217,8 @@ def env_value(value) -> str:
     """A knob value as its environment variable is written."""
     if value is None:
         return "none"
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
+    if isinstance(value, (list, tuple)):  # LOOP_SAMPLE's counts, or TRAIN_SEQ_SCHEDULE's LENGTH@FRACTION pairs
+        return ",".join("@".join(map(str, item)) if isinstance(item, (list, tuple)) else str(item) for item in value)
     return str(int(value)) if isinstance(value, bool) else str(value)
 
 
