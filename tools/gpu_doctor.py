@@ -227,7 +227,7 @@ def measure_training(trainer: tg.Trainer, warmup_steps: int, timed_steps: int) -
     for loops, row in steps.items():
         row.update(warm[loops], compile_s_estimate=round(max(warm[loops]["first_step_s"] - row["ms_per_step"] / 1000, 0), 3))
     return dict(grad_accum_steps=trainer.rt.grad_accum_steps, global_batch_tokens=trainer.hp.train_batch_tokens,
-                micro_batch_tokens=trainer.seqs_per_micro * trainer.hp.train_seq_len,
+                micro_batch_tokens=trainer.seqs_per_micro * trainer.loader.seq_len,
                 per_loop_count={str(k): v for k, v in steps.items()},
                 graphs_compiled_after_warmup=sum(r["graphs_compiled_after_warmup"] for r in steps.values()))
 
