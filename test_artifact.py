@@ -137,7 +137,8 @@ def test_artifact_for_another_shape_is_refused(tmp_path):
 
 def test_pergroup_round_trip_is_exact_for_every_storage_kind():
     hp, _, q = quantized_model(COMPRESSOR="pergroup", MATRIX_BITS=5)
-    q["blocks.1.mlp.fc.weight"]["codes"].zero_()  # a group with a single symbol
+    q["blocks.1.mlp.fc.weight"]["codes"].zero_()  # one symbol in a tensor
+    q["smear_gate_w"]["codes"].zero_()  # one symbol in a whole group (a gate at its zero init)
     q["tok_emb.weight"]["codes"][0, :2] = torch.tensor([-63, 63], dtype=torch.int8)  # the extreme int7 codes
     q["blocks.0.attn.attn_gate_w"]["codes"][0, :2] = torch.tensor([-127, 127], dtype=torch.int8)  # and int8 ones
     kinds = {("int", q[n]["bits"]) if "codes" in q[n] else ("fp16", None) for n in q}

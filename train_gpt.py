@@ -2090,6 +2090,8 @@ def ans_encode(role: str, codes: np.ndarray) -> tuple[dict, bytes]:
     symbols = codes.astype(np.int32)
     lo = int(symbols.min())
     table = dict(role=role, lo=lo, counts=np.bincount(symbols - lo).tolist())
+    if len(table["counts"]) == 1:  # one symbol (e.g. a gate still at its zero init) carries no information
+        return dict(table, words=0), b""
     coder = ans_coder().stream.stack.AnsCoder()
     coder.encode_reverse(symbols - lo, ans_model(table))
     words = coder.get_compressed().astype("<u4")
@@ -2099,6 +2101,8 @@ def ans_encode(role: str, codes: np.ndarray) -> tuple[dict, bytes]:
 
 def ans_decode(table: dict, words: bytes) -> np.ndarray:
     count = int(sum(table["counts"]))
+    if len(table["counts"]) == 1:
+        return np.full(count, table["lo"], dtype=np.int8)
     try:
         coder = ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
         symbols = coder.decode(ans_model(table), count)
