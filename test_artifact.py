@@ -55,7 +55,7 @@ def test_gptq_reduces_output_error_on_correlated_inputs():
     assert (codes[:, 5] == 0).all()
 
 
-@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("bits", [6, 7, 8])
 def test_codes_stay_inside_their_range(bits):
     torch.manual_seed(0)
     w = torch.randn(48, 96) * torch.logspace(-3, 1, 96)  # wildly different column scales
@@ -77,9 +77,11 @@ def quantized_model(**overrides):
 
 def test_which_tensors_are_quantized_and_how():
     hp, model, q = quantized_model()
-    assert q["tok_emb.weight"]["bits"] == 8 and q["tok_emb.weight"]["codes"].abs().max() <= 127  # 512 x 160
+    assert q["tok_emb.weight"]["bits"] == 7 and q["tok_emb.weight"]["codes"].abs().max() <= 63  # 512 x 160
     assert q["blocks.0.mlp.fc.weight"]["bits"] == 6 and q["blocks.0.mlp.fc.weight"]["codes"].abs().max() <= 31
     assert "fp16" in q["blocks.0.attn.c_q.weight"]  # 160 x 160 = 25,600 values <= 65,536: passthrough
+    for name in ("blocks.0.attn.attn_gate_w", "smear_gate_w"):  # GATED_ATTN_QUANT_GATE=1 by default
+        assert q[name]["bits"] == 8 and q[name]["codes"].dtype == torch.int8 and q[name]["scale"].dtype == torch.float16
     for name in ("mix_logits", "attn_step_scales", "mlp_step_scales", "skip_weights", "skip_gates", "blocks.0.attn.q_gain"):
         assert q[name]["fp16"].dtype == torch.float16, name
 
@@ -135,10 +137,12 @@ def test_artifact_for_another_shape_is_refused(tmp_path):
 
 def test_pergroup_round_trip_is_exact_for_every_storage_kind():
     hp, _, q = quantized_model(COMPRESSOR="pergroup", MATRIX_BITS=5)
-    q["blocks.1.mlp.fc.weight"]["codes"].zero_()  # a group with a single symbol
-    q["tok_emb.weight"]["codes"][0, :2] = torch.tensor([-127, 127], dtype=torch.int8)  # the extreme codes
+    q["blocks.1.mlp.fc.weight"]["codes"].zero_()  # one symbol in a tensor
+    q["smear_gate_w"]["codes"].zero_()  # one symbol in a whole group (a gate at its zero init)
+    q["tok_emb.weight"]["codes"][0, :2] = torch.tensor([-63, 63], dtype=torch.int8)  # the extreme int7 codes
+    q["blocks.0.attn.attn_gate_w"]["codes"][0, :2] = torch.tensor([-127, 127], dtype=torch.int8)  # and int8 ones
     kinds = {("int", q[n]["bits"]) if "codes" in q[n] else ("fp16", None) for n in q}
-    assert kinds == {("int", 8), ("int", 5), ("fp16", None)}
+    assert kinds == {("int", 7), ("int", 8), ("int", 5), ("fp16", None)}  # int7 embedding, int8 gate rows
     blob = tg.serialize_artifact(q, hp)
     assert blob[5:5 + blob[4]] == b"pergroup"
     back = tg.parse_artifact(blob, hp)
@@ -154,7 +158,8 @@ def test_pergroup_codes_one_histogram_per_role_and_beats_brotli():
     brotli_bytes = len(tg.serialize_artifact(q, tg.dataclasses.replace(hp, compressor="brotli")))
     blob = tg.serialize_artifact(q, hp)
     tables, _, _ = tg.unpack_pergroup(blob[5 + blob[4]:])
-    assert [t["role"] for t in tables] == ["tok_emb.weight", "mlp.fc.weight", "mlp.proj.weight"]
+    assert [t["role"] for t in tables] == ["smear_gate_w", "tok_emb.weight", "attn.attn_gate_w", "mlp.fc.weight",
+                                           "mlp.proj.weight"]
     assert sum(sum(t["counts"]) for t in tables) == sum(v["codes"].numel() for v in q.values() if "codes" in v)
     assert len(blob) < brotli_bytes
 
@@ -167,6 +172,63 @@ def test_pergroup_without_its_coder_names_the_package(monkeypatch):
         tg.parse_artifact(blob, hp)
     with pytest.raises(tg.ConfigError, match="COMPRESSOR.*pip install constriction"):
         tg.check_config(hp, world_size=1)
+
+
+GROUP_CLIPS = dict(MATRIX_CLIP_SIGMAS=10.0, MLP_CLIP_SIGMAS=11.0, ATTN_CLIP_SIGMAS=12.0, EMBED_CLIP_SIGMAS=13.0)
+
+
+@pytest.mark.parametrize("name, expected", [("tok_emb.weight", (7, 13.0)), ("lm_head.weight", (7, 13.0)),
+                                            ("blocks.3.mlp.fc.weight", (6, 11.0)), ("blocks.10.mlp.proj.weight", (6, 11.0)),
+                                            ("blocks.0.attn.c_q.weight", (6, 12.0)), ("blocks.0.attn.c_k.weight", (6, 12.0)),
+                                            ("blocks.0.attn.c_v.weight", (6, 12.0)), ("blocks.2.attn.proj.weight", (6, 12.0)),
+                                            ("bigram.weight", (6, 10.0))])
+def test_each_tensor_gets_its_groups_bits_and_clip(name, expected):
+    assert tg.quant_settings(name, hparams(**GROUP_CLIPS)) == expected
+
+
+def test_old_quantization_knobs_restore_the_old_settings():
+    """The README's 04-09 line: every quantized tensor as before issue 14, gates back to fp16."""
+    hp, model, q = quantized_model(EMBED_BITS=8, EMBED_CLIP_SIGMAS=20, MLP_CLIP_SIGMAS=12.85, ATTN_CLIP_SIGMAS=12.85,
+                                   GATED_ATTN_QUANT_GATE=0)
+    for name, t in model.state_dict().items():
+        old = (8, 20.0) if name == "tok_emb.weight" else (6, 12.85)
+        assert tg.quant_settings(name, hp) == old or not tg.is_quantized(t), name
+    assert "fp16" in q["smear_gate_w"] and "fp16" in q["blocks.0.attn.attn_gate_w"]
+
+
+def test_clip_shrinker_scales_every_clip_group():
+    hp = hparams(**GROUP_CLIPS)
+    doubled = tg.scaled_clips(hp, 2.0)
+    assert [getattr(doubled, k) for k in tg.CLIP_KNOBS] == [2 * getattr(hp, k) for k in tg.CLIP_KNOBS]
+    assert tg.dataclasses.replace(doubled, **{k: getattr(hp, k) for k in tg.CLIP_KNOBS}) == hp  # nothing else moved
+    _, model, q = quantized_model(**GROUP_CLIPS)
+    line = tg.clip_shrinker(model, {}, q, hp).describe(100)
+    assert all(f"{k.upper()} {2 * getattr(hp, k):.4g}" in line for k in tg.CLIP_KNOBS), line
+
+
+def test_gate_rows_are_int8_with_half_step_error_and_an_exact_artifact_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(8, 12) * torch.logspace(-4, 0, 8)[:, None]
+    w[3] = 0.0  # a gate row still at its zero init
+    q = tg.quantize_gate_rows(w)
+    step = q["scale"].float()[:, None]
+    assert q["codes"].dtype == torch.int8 and q["codes"].abs().max() <= 127 and q["bits"] == 8
+    assert (q["codes"].abs().amax(dim=1)[torch.arange(8) != 3] >= 126).all()  # each row spans its range
+    assert (q["codes"][3] == 0).all() and torch.isfinite(tg.dequantize(q["codes"], q["scale"])).all()
+    assert ((tg.dequantize(q["codes"], q["scale"]) - w).abs() <= step / 2 * (1 + 1e-3)).all()
+    hp, _, state = quantized_model()
+    state["blocks.1.attn.attn_gate_w"] = tg.quantize_gate_rows(w[:4])
+    back = tg.parse_artifact(tg.serialize_artifact(state, hp), hp)["blocks.1.attn.attn_gate_w"]
+    assert torch.equal(back["codes"], state["blocks.1.attn.attn_gate_w"]["codes"])
+    assert torch.equal(back["scale"], state["blocks.1.attn.attn_gate_w"]["scale"]) and back["bits"] == 8
+
+
+def test_pruning_leaves_gate_rows_alone():
+    _, _, q = quantized_model()
+    shrinker = tg.prune_shrinker(q, {})
+    most = shrinker.build(shrinker.max_amount)
+    for name in ("smear_gate_w", "blocks.0.attn.attn_gate_w"):
+        assert (q[name]["codes"].abs() == 1).any() and most[name] is q[name], name
 
 
 def test_byte_planes_round_trip():
@@ -271,10 +333,13 @@ def test_clip_fitter_requantizes_with_coarser_steps():
     assert report["method"] == "clip" and len(blob) <= report["target"] and report["amount"] > 0
     factor = 1 + report["amount"] * tg.CLIP_STEP
     again = tg.quantize_state(model, hessians, tg.dataclasses.replace(
-        hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor, embed_clip_sigmas=hp.embed_clip_sigmas * factor))
+        hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor, embed_clip_sigmas=hp.embed_clip_sigmas * factor,
+        mlp_clip_sigmas=hp.mlp_clip_sigmas * factor, attn_clip_sigmas=hp.attn_clip_sigmas * factor))
     for name, entry in fitted.items():
         if "codes" in entry:
-            assert torch.equal(entry["codes"], again[name]["codes"]) and (entry["scale"] > q[name]["scale"]).all()
+            assert torch.equal(entry["codes"], again[name]["codes"])
+            coarser = (entry["scale"] > q[name]["scale"]).all()
+            assert torch.equal(entry["scale"], q[name]["scale"]) if tg.is_gate_tensor(name) else coarser, name
 
 
 @pytest.mark.parametrize("env, message", [(dict(ARTIFACT_LIMIT_BYTES=16_000_001), "ARTIFACT_LIMIT_BYTES=16000001: must be in 1..16000000"),

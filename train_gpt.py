@@ -189,9 +189,12 @@ class Hyperparameters:
     # quantization & artifact
     gptq_calibration_batches: int = knob(64, "training micro-batches per rank for the GPTQ Hessians (0 = round to nearest)")
     matrix_bits: int = knob(6, "bits of the block matrices")
-    matrix_clip_sigmas: float = knob(12.85, "block matrices: row step = k·std(row)/(2^(bits−1)−1)")
-    embed_bits: int = knob(8, "bits of the embedding")
-    embed_clip_sigmas: float = knob(20.0, "embedding: row step = k·std(row)/(2^(bits−1)−1)")
+    matrix_clip_sigmas: float = knob(12.85, "block matrices in neither clip group below: row step = k·std(row)/(2^(bits−1)−1)")
+    mlp_clip_sigmas: float = knob(11.5, "clip sigmas k of the MLP matrices (mlp.fc, mlp.proj)")
+    attn_clip_sigmas: float = knob(13.0, "clip sigmas k of the attention matrices (attn.c_q, c_k, c_v, proj)")
+    embed_bits: int = knob(7, "bits of the embedding")
+    embed_clip_sigmas: float = knob(14.0, "embedding: row step = k·std(row)/(2^(bits−1)−1)")
+    gated_attn_quant_gate: bool = knob(True, "store the gate tensors (attn_gate_w, smear_gate_w) as int8 rows, step max|row|/127, not fp16")
     compressor: str = knob("brotli", "brotli (quality 11), lzma, or pergroup (codes ANS-coded per tensor role; pip package constriction)")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
@@ -375,6 +378,8 @@ def check_artifact_config(hp: Hyperparameters) -> None:
     need(hp, 2 <= hp.embed_bits <= 8, "EMBED_BITS", "must be in 2..8 (codes are stored as int8)")
     need(hp, hp.matrix_clip_sigmas > 0, "MATRIX_CLIP_SIGMAS", "must be positive")
     need(hp, hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
+    need(hp, hp.mlp_clip_sigmas > 0, "MLP_CLIP_SIGMAS", "must be positive")
+    need(hp, hp.attn_clip_sigmas > 0, "ATTN_CLIP_SIGMAS", "must be positive")
     need(hp, hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
     missing = pip_package_missing(COMPRESSOR_PACKAGES[hp.compressor]) if hp.compressor in COMPRESSOR_PACKAGES else None
     need(hp, missing is None, "COMPRESSOR", f"{hp.compressor} {missing}")
@@ -1958,10 +1963,46 @@ def is_quantized(t: Tensor) -> bool:
 
 
 def quant_settings(name: str, hp: Hyperparameters) -> tuple[int, float]:
-    """(bits, clip sigmas): the embedding (or untied head) gets its own, every block matrix the matrix ones."""
+    """(bits, clip sigmas): the embedding (or untied head) gets its own, block matrices MATRIX_BITS and their group's clip."""
     if name in ("tok_emb.weight", "lm_head.weight"):
         return hp.embed_bits, hp.embed_clip_sigmas
-    return hp.matrix_bits, hp.matrix_clip_sigmas
+    return hp.matrix_bits, getattr(hp, clip_group(name))
+
+
+# --- Per-group clips and int8 gate rows (issue 14). The records clip MLP matrices tighter than attention
+# ones (#1586, #1769, #1855): one SDClip k per matrix role, MATRIX_CLIP_SIGMAS for any other matrix.
+MLP_MATRICES = ("mlp.fc.weight", "mlp.proj.weight")
+ATTN_MATRICES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight")
+CLIP_KNOBS = ("matrix_clip_sigmas", "mlp_clip_sigmas", "attn_clip_sigmas", "embed_clip_sigmas")
+GATE_ROW_QMAX = 127
+
+
+def clip_group(name: str) -> str:
+    """The Hyperparameters field holding a block matrix's clip sigmas, chosen by its role."""
+    role = code_role(name)
+    return ("mlp_clip_sigmas" if role in MLP_MATRICES else "attn_clip_sigmas" if role in ATTN_MATRICES
+            else "matrix_clip_sigmas")
+
+
+def scaled_clips(hp: Hyperparameters, factor: float) -> Hyperparameters:
+    """hp with every clip sigma (each group's and the embedding's) times factor."""
+    return dataclasses.replace(hp, **{k: getattr(hp, k) * factor for k in CLIP_KNOBS})
+
+
+def is_gate_tensor(name: str) -> bool:
+    return name.endswith(".attn_gate_w") or name == "smear_gate_w"
+
+
+def quantize_gate_rows(t: Tensor) -> dict:
+    """Symmetric int8 per row with an fp16 step max|row|/127 (GATED_ATTN_QUANT_GATE, #1736).
+
+    A gate is tiny (heads × GATE_WINDOW values), so a rounding error of half a step at most
+    is cheap; no Hessian. The step's floor keeps an all-zero row (the gates' init) finite.
+    """
+    w = t.detach().float()
+    scale = (w.abs().amax(dim=1) / GATE_ROW_QMAX).clamp_min(2.0 ** -24).half()
+    codes = torch.clamp(torch.round(w / scale.float()[:, None]), -GATE_ROW_QMAX, GATE_ROW_QMAX).to(torch.int8)
+    return dict(codes=codes.cpu(), scale=scale.cpu(), bits=8)
 
 
 def collect_hessians(model: GPT, batches, rt: Runtime) -> dict[str, Tensor]:
@@ -2048,13 +2089,15 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
 
 
 def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, dict]:
-    """name -> {'codes', 'scale', 'bits'} for quantized matrices, {'fp16'} for everything else."""
+    """name -> {'codes', 'scale', 'bits'} for quantized matrices (and gates), {'fp16'} for everything else."""
     out = {}
     for name, t in model.state_dict().items():
         if is_quantized(t):
             bits, sigmas = quant_settings(name, hp)
             codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
             out[name] = dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+        elif hp.gated_attn_quant_gate and is_gate_tensor(name):
+            out[name] = quantize_gate_rows(t)
         else:
             out[name] = dict(fp16=t.detach().half().cpu())
     return out
@@ -2138,6 +2181,8 @@ def ans_encode(role: str, codes: np.ndarray) -> tuple[dict, bytes]:
     symbols = codes.astype(np.int32)
     lo = int(symbols.min())
     table = dict(role=role, lo=lo, counts=np.bincount(symbols - lo).tolist())
+    if len(table["counts"]) == 1:  # one symbol (e.g. a gate still at its zero init) carries no information
+        return dict(table, words=0), b""
     coder = ans_coder().stream.stack.AnsCoder()
     coder.encode_reverse(symbols - lo, ans_model(table))
     words = coder.get_compressed().astype("<u4")
@@ -2147,6 +2192,8 @@ def ans_encode(role: str, codes: np.ndarray) -> tuple[dict, bytes]:
 
 def ans_decode(table: dict, words: bytes) -> np.ndarray:
     count = int(sum(table["counts"]))
+    if len(table["counts"]) == 1:
+        return np.full(count, table["lo"], dtype=np.int8)
     try:
         coder = ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
         symbols = coder.decode(ans_model(table), count)
@@ -2295,8 +2342,8 @@ def load_artifact(path: Path, hp: Hyperparameters, rt: Runtime) -> GPT:
 def describe_quantization(quantized: dict[str, dict]) -> list[str]:
     """One log line per storage kind: how many tensors and values it holds."""
     tensors, values = {}, {}
-    for q in quantized.values():
-        kind = f"int{q['bits']} GPTQ" if "codes" in q else "fp16 passthrough"
+    for name, q in quantized.items():
+        kind = "fp16 passthrough" if "codes" not in q else "int8 gate rows" if is_gate_tensor(name) else f"int{q['bits']} GPTQ"
         tensors[kind] = tensors.get(kind, 0) + 1
         values[kind] = values.get(kind, 0) + (q["codes"] if "codes" in q else q["fp16"]).numel()
     return [f"quantized: {kind}: {tensors[kind]} tensors, {values[kind]} values" for kind in sorted(tensors)]
@@ -2342,7 +2389,7 @@ def prune_shrinker(quantized: dict[str, dict], hessians: dict[str, Tensor]) -> S
     """
     names, index, cost = [], [], []
     for name, q in quantized.items():
-        if "codes" in q:
+        if "codes" in q and not is_gate_tensor(name):  # no Hessian ranks a gate's codes against the matrices'
             codes = q["codes"]
             flat = (codes.abs() == 1).flatten().nonzero().squeeze(1)
             h = hessians.get(name)
@@ -2386,16 +2433,14 @@ def clip_shrinker(model: GPT, hessians: dict[str, Tensor], quantized: dict[str, 
     round-to-nearest codes, whose entropy moves like GPTQ's but costs no GPTQ run per guess.
     """
     def scaled(n: int) -> Hyperparameters:
-        factor = 1 + n * CLIP_STEP
-        return dataclasses.replace(hp, matrix_clip_sigmas=hp.matrix_clip_sigmas * factor,
-                                   embed_clip_sigmas=hp.embed_clip_sigmas * factor)
+        return scaled_clips(hp, 1 + n * CLIP_STEP)
 
     def build(n: int) -> dict[str, dict]:
         return quantized if n == 0 else quantize_state(model, hessians, scaled(n))
 
     return Shrinker("clip", build, lambda n: entropy_bytes(quantize_state(model, {}, scaled(n))), CLIP_MAX_AMOUNT,
-                    lambda n: f"clip sigmas x{1 + n * CLIP_STEP:.2f} (MATRIX_CLIP_SIGMAS {scaled(n).matrix_clip_sigmas:.4g}, "
-                              f"EMBED_CLIP_SIGMAS {scaled(n).embed_clip_sigmas:.4g})")
+                    lambda n: f"clip sigmas x{1 + n * CLIP_STEP:.2f} ("
+                              + ", ".join(f"{k.upper()} {getattr(scaled(n), k):.4g}" for k in CLIP_KNOBS) + ")")
 
 
 def added_error(before: dict[str, dict], after: dict[str, dict], hessians: dict[str, Tensor]) -> float:
