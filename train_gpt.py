@@ -1040,6 +1040,9 @@ def check_train_val_overlap(hp: Hyperparameters, rt: Runtime, log: RunLog) -> No
 # the block input's first GATE_WINDOW channels; SmearGate adds a gated share of the previous
 # token's raw embedding, never into a BOS. Both live inside Attention / GPT.embeddings, which every
 # forward (training, evaluation, GPTQ calibration, sliding windows, TTT) goes through.
+#
+# The two-lane decoder (PARALLEL_START_LAYER) lives in GPT.run_decoder, inside GPT.hidden_states, which
+# every one of those forwards calls: the lanes are a suffix of the decoder that no loop revisits.
 # -----------------------------------------------------------------------------------------------
 
 
@@ -1380,7 +1383,7 @@ class GPT(nn.Module):
     def run_decoder(self, x: Tensor, x0: Tensor, skips: list[Tensor], decoder: list[tuple[int, int]],
                     cos: Tensor, sin: Tensor) -> Tensor:
         """The decoder half; at the first lane layer x forks into lane 0 (x itself, which keeps taking the U-Net
-        skips) and lane 1 (a copy taken before that layer's skip). Returns the lanes' mean, or x without lanes.
+        skips) and lane 1 (x as it was before that layer's skip). Returns the lanes' mean, or x without lanes.
         check_lane_config makes the lane layers a suffix of every sequence, so no sequential layer follows them."""
         lane1 = None
         for index, (layer, slot) in enumerate(decoder):
