@@ -32,7 +32,7 @@ def hparams(**env) -> tg.Hyperparameters:
 
 
 SMALL = dict(VOCAB_SIZE=512, NUM_LAYERS=5, MODEL_DIM=32, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=4,
-             XSA_LAST_N=5, PARALLEL_RESIDUAL_START=3, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2,
+             XSA_LAST_N=5, PARALLEL_START_LAYER=3, NUM_LOOPS=2, LOOP_START=1, LOOP_END=2,
              TRAIN_SEQ_LEN=16, EVAL_SEQ_LEN=16)
 
 
@@ -56,11 +56,40 @@ def randomize(model: tg.GPT) -> None:
                 p.normal_(0.0, 0.2)
 
 
+# --- in-process evaluation ----------------------------------------------------------------------
+
+# A one-process CPU runtime, for calling the script's functions directly.
+CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
+                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
+
+
+def eval_setup(tiny_data, **overrides):
+    env = dict(DATA_DIR=tiny_data["root"], VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1,
+               ROPE_DIMS=4, XSA_LAST_N=2, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, EVAL_SEQ_LEN=64, TRAIN_SEQ_LEN=64,
+               VAL_BATCH_TOKENS=8 * 64 * 4, EVAL_STRIDE=16, TTT_CHUNK_TOKENS=1024, TTT_EPOCHS=1, TTT_LR=0.05)
+    hp = hparams(**{**env, **overrides})
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    randomize(model)
+    val = tg.Validation(tg.load_validation_tokens(hp), tg.byte_counts(tiny_data["sp"]))
+    return hp, model, val
+
+
+def every_path(model: tg.GPT, val: tg.Validation, hp: tg.Hyperparameters) -> tuple[float, float, float, torch.Tensor]:
+    """Loss from the plain evaluation, sliding windows at stride = window, score-first TTT with 0 epochs,
+    and the GPTQ calibration Hessian of the head input (which comes from hidden_states)."""
+    plain = tg.evaluate(model, val, hp, CPU)[0]
+    sliding = tg.score_first_eval(model, val, hp, CPU, epochs=0)[0]
+    ttt = tg.score_first_eval(model, val, hp, CPU, epochs=0, observer=lambda kind, positions: None)[0]
+    batch = torch.from_numpy(val.tokens[:4 * 64].astype(np.int64)).view(4, 64)
+    return plain, sliding, ttt, tg.collect_hessians(model, [batch], CPU)["tok_emb.weight"]
+
+
 # --- end-to-end runs ----------------------------------------------------------------------------
 
 # A configuration small enough to train for a few seconds on 2 CPU cores with tiny_data.
 E2E = dict(VOCAB_SIZE=512, NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, XSA_LAST_N=4,
-           PARALLEL_RESIDUAL_START=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, ENABLE_LOOPING_AT=0.3,
+           PARALLEL_START_LAYER=3, NUM_LOOPS=1, LOOP_START=1, LOOP_END=2, ENABLE_LOOPING_AT=0.3,
            TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64, TRAIN_BATCH_TOKENS=4096, VAL_BATCH_TOKENS=8192,
            ITERATIONS=400, MAX_WALLCLOCK_SECONDS=25, WARMUP_STEPS=2, VAL_LOSS_EVERY=20, TRAIN_LOG_EVERY=10,
            EMA_DECAY=0.9, MUON_MOMENTUM_WARMUP_STEPS=10, WARMDOWN_FRAC=0.5, TIED_EMBED_LR=0.05)

@@ -57,8 +57,8 @@ def test_looping_block_chooses_the_sequence_and_restores_the_count():
     model = small_model()
     assert model.sequences[0] == model.plan.unet(0) and model.loops == model.hp.num_loops == 2
     calls = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda m, i, o: calls.append(list(model.blocks).index(m)))
+    for index, block in enumerate(model.blocks):  # attention runs in every layer, lane layers included
+        block.attn.register_forward_hook(lambda m, i, o, index=index: calls.append(index))
     ids = torch.randint(0, 512, (1, 8))
     with model.looping(0):
         model.forward_logits(ids)
@@ -194,7 +194,7 @@ def test_output_ln_mlp_branch_rms_follows_its_scale(layer):
 
 
 def test_parallel_layers_and_xsa_flags():
-    model = small_model(PARALLEL_RESIDUAL_START=3, XSA_LAST_N=2)
+    model = small_model(PARALLEL_START_LAYER=-1, PARALLEL_RESIDUAL_START=3, XSA_LAST_N=2)
     assert [b.parallel for b in model.blocks] == [False, False, False, True, True]
     assert [b.attn.use_xsa for b in model.blocks] == [False, False, False, True, True]
     assert not any(b.parallel for b in small_model(PARALLEL_RESIDUAL_START=-1).blocks)
@@ -255,6 +255,7 @@ def test_every_parameter_in_exactly_one_optimizer_in_fp32(flags):
         assert gates <= scalar  # the small gate matrices go to AdamW with the control tensors, as in the records
         # the logit caps: in the scalar AdamW, in its group without weight decay
         assert {"softcap_pos", "softcap_neg"} <= scalar
+        assert {"parallel_post_lambdas", "parallel_resid_lambdas"} <= scalar  # the two-lane decoder's π and ρ
         undecayed = optimizers[2].param_groups[1]
         assert undecayed["weight_decay"] == 0.0
         assert {id(p) for p in undecayed["params"]} == {id(named["softcap_pos"]), id(named["softcap_neg"])}
@@ -431,7 +432,8 @@ def test_defaults_are_the_record_stack_plus_ours():
     hp = hparams()
     assert (hp.num_layers, hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.mlp_mult) == (11, 512, 8, 4, 4.0)
     assert (hp.num_loops, hp.loop_start, hp.loop_end, hp.enable_looping_at) == (2, 3, 5, 0.35)
-    assert (hp.qk_gain_init, hp.parallel_residual_start, hp.xsa_last_n, hp.rope_dims) == (5.25, 7, 11, 16)
+    assert (hp.qk_gain_init, hp.parallel_residual_start, hp.xsa_last_n, hp.rope_dims) == (5.25, -1, 11, 16)
+    assert hp.parallel_start_layer == 8  # the two-lane decoder (#1529 on); README restores 04-09 with PARALLEL_RESIDUAL_START=7
     assert (hp.birkhoff_mix, hp.output_ln, hp.timestep_scale, hp.timestep_cap) == (True, True, True, 4.0)
     # the optimizer recipe of the final leaderboard (#2135); README "Reproducing public stacks" restores 04-09's
     assert (hp.matrix_lr, hp.muon_wd, hp.ema_decay, hp.warmdown_frac) == (0.028, 0.095, 0.9965, 0.85)

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import E2E, SCRIPT, hparams, randomize, run_script
+from conftest import CPU, E2E, SCRIPT, eval_setup, hparams, randomize, run_script
 
-CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
-                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
 
 
 # --- quantization --------------------------------------------------------------------------------
@@ -362,18 +360,6 @@ def test_sliding_windows_score_every_target_once(n, seq_len, stride):
         assert w.first == 0 or w.first == seq_len - stride  # full left context after the first window
         scored += range(w.start + w.first, w.start + w.length)
     assert sorted(scored) == list(range(n))
-
-
-def eval_setup(tiny_data, **overrides):
-    env = dict(DATA_DIR=tiny_data["root"], VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1,
-               ROPE_DIMS=4, XSA_LAST_N=2, NUM_LOOPS=1, LOOP_START=0, LOOP_END=0, EVAL_SEQ_LEN=64, TRAIN_SEQ_LEN=64,
-               VAL_BATCH_TOKENS=8 * 64 * 4, EVAL_STRIDE=16, TTT_CHUNK_TOKENS=1024, TTT_EPOCHS=1, TTT_LR=0.05)
-    hp = hparams(**{**env, **overrides})
-    torch.manual_seed(0)
-    model = tg.GPT(hp)
-    randomize(model)
-    val = tg.Validation(tg.load_validation_tokens(hp), tg.byte_counts(tiny_data["sp"]))
-    return hp, model, val
 
 
 def test_sliding_window_at_stride_equal_window_is_the_plain_evaluation(tiny_data):

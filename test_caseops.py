@@ -16,14 +16,12 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from conftest import E2E, pseudo_language
+from conftest import CPU, E2E, pseudo_language
 from data import build_dataset as bd
 from data import caseops as co
 from data import shard_format
 
 REPO = Path(__file__).resolve().parent
-CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
-                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
 VOCAB = 400
 AWKWARD = ["", " ", "Hello World", "NASA and the USA", "iPhone McDonald eBay ABc aBC", "I a A", "x", "X",
            "MiXeD cAsE 123abcDEF 4U", "École ÉCOLE Straße ÀB", "ж😀中文 ∑", "tab\tnew\nline\r\n  two  spaces ",

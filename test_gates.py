@@ -5,10 +5,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import hparams, randomize, small_model
+from conftest import CPU, every_path, hparams, randomize, small_model
 
-CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
-                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
 NO_GATES = dict(SPARSE_ATTN_GATE_ENABLED=0, SMEAR_GATE_ENABLED=0)
 
 
@@ -134,16 +132,6 @@ def gated_eval_setup(tiny_data):
     tokens = tokens[:(len(tokens) - 1) // 64 * 64 + 1]  # whole windows: plain and sliding score the same targets
     assert (tokens == tg.BOS_ID).sum() > 1, "the stream should be packed with several documents"
     return hp, model, tg.Validation(tokens, tg.byte_counts(tiny_data["sp"]))
-
-
-def every_path(model: tg.GPT, val: tg.Validation, hp: tg.Hyperparameters) -> tuple[float, float, float, torch.Tensor]:
-    """Loss from the plain evaluation, sliding windows at stride = window, score-first TTT with 0 epochs,
-    and the GPTQ calibration Hessian of the head input (which comes from hidden_states)."""
-    plain = tg.evaluate(model, val, hp, CPU)[0]
-    sliding = tg.score_first_eval(model, val, hp, CPU, epochs=0)[0]
-    ttt = tg.score_first_eval(model, val, hp, CPU, epochs=0, observer=lambda kind, positions: None)[0]
-    batch = torch.from_numpy(val.tokens[:4 * 64].astype(np.int64)).view(4, 64)
-    return plain, sliding, ttt, tg.collect_hessians(model, [batch], CPU)["tok_emb.weight"]
 
 
 def test_gated_model_agrees_on_every_forward_path(tiny_data):

@@ -6,10 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import hparams, randomize, small_model
+from conftest import CPU, hparams, randomize, small_model
 
-CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
-                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
 POLAR = tg.NS_COEFFICIENTS["polar_express"]
 
 

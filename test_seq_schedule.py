@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import E2E, REPO, hparams
+from conftest import CPU, E2E, REPO, hparams
 
-CPU = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), distributed=False,
-                 attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
 
 
 # --- parsing and configuration errors ------------------------------------------------------------

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import E2E, SCRIPT, run_script
-from test_artifact import CPU, eval_setup
+from conftest import CPU, E2E, SCRIPT, eval_setup, run_script
 
 
 def reference_hints(tokens: list[int], order: int, threshold: float) -> list[int]:

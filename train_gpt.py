@@ -119,7 +119,10 @@ class Hyperparameters:
     rope_dims: int = knob(16, "rotary dims per head (0 = whole head)")
     ln_scale: bool = knob(True, "multiply sublayer norms by 1/√(layer+1)")
     xsa_last_n: int = knob(11, "last N layers remove each head's own-value component")
-    parallel_residual_start: int = knob(7, "layers ≥ this read one input for attention and MLP (< 0: none)")
+    parallel_residual_start: int = knob(-1, "04-09's GPT-J parallel residual: layers ≥ this read one input for "
+                                            "attention and MLP (< 0: none; needs PARALLEL_START_LAYER=-1)")
+    parallel_start_layer: int = knob(8, "two-lane parallel decoder from this physical layer on: attention reads "
+                                        "lane 0, the MLP lane 1, both write both lanes (< 0: none)")
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips (else additive)")
     qk_gain_init: float = knob(5.25, "initial per-head query gain")
     # gates (see SparseAttnGate and SmearGate in the model section)
@@ -288,7 +291,7 @@ def check_config(hp: Hyperparameters, world_size: int) -> None:
     for name in ("ITERATIONS", "WARMUP_STEPS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "NUM_LOOPS",
                  "XSA_LAST_N", "MUON_MOMENTUM_WARMUP_STEPS", "ROPE_DIMS"):
         need(hp, getattr(hp, name.lower()) >= 0, name, "must be >= 0")
-    for check in (check_model_config, check_loop_config, check_gate_config, check_training_config,
+    for check in (check_model_config, check_loop_config, check_lane_config, check_gate_config, check_training_config,
                   check_seq_schedule_config, check_artifact_config, check_evaluation_config):
         check(hp)
     need(hp, hp.attn_backend in ("auto", "fa3", "sdpa"), "ATTN_BACKEND", "must be auto, fa3 or sdpa")
@@ -326,6 +329,20 @@ def check_loop_config(hp: Hyperparameters) -> None:
     need(hp, 0.0 <= hp.enable_looping_at <= 1.0, "ENABLE_LOOPING_AT", "must be a fraction in [0, 1]")
     if hp.enable_looping_at_step is not None:
         need(hp, hp.enable_looping_at_step >= 0, "ENABLE_LOOPING_AT_STEP", "must be >= 0")
+
+
+def check_lane_config(hp: Hyperparameters) -> None:
+    """The lanes must be a suffix of the decoder that no loop revisits (GPT.run_decoder forks once, never joins).
+    A start < 0 or >= NUM_LAYERS has no lane layer (small test models keep the default 8)."""
+    if not 0 <= hp.parallel_start_layer < hp.num_layers:
+        return
+    need(hp, hp.parallel_residual_start < 0, "PARALLEL_RESIDUAL_START", "the 04-09 GPT-J parallel residual and the "
+         "two-lane decoder exclude each other; set PARALLEL_START_LAYER=-1 to use it")
+    need(hp, hp.parallel_start_layer >= hp.num_layers // 2, "PARALLEL_START_LAYER",
+         f"must be a decoder layer, >= NUM_LAYERS//2 = {hp.num_layers // 2} (< 0: no lanes)")
+    if hp.num_loops > 0 or hp.eval_loops:
+        need(hp, hp.loop_end < hp.parallel_start_layer, "PARALLEL_START_LAYER", f"a looped layer (LOOP_END={hp.loop_end}) "
+             "is at or past the start layer: the lanes' scalars would be shared across passes")
 
 
 def check_gate_config(hp: Hyperparameters) -> None:
@@ -1085,6 +1102,9 @@ def check_train_val_overlap(hp: Hyperparameters, rt: Runtime, log: RunLog) -> No
 # the block input's first GATE_WINDOW channels; SmearGate adds a gated share of the previous
 # token's raw embedding, never into a BOS. Both live inside Attention / GPT.embeddings, which every
 # forward (training, evaluation, GPTQ calibration, sliding windows, TTT) goes through.
+#
+# The two-lane decoder (PARALLEL_START_LAYER) lives in GPT.run_decoder, inside GPT.hidden_states, which
+# every one of those forwards calls: the lanes are a suffix of the decoder that no loop revisits.
 # -----------------------------------------------------------------------------------------------
 
 
@@ -1269,13 +1289,17 @@ class Block(nn.Module):
             return rms_norm(self.mlp(x)) * self.norm_factor
         return self.mlp(rms_norm(x) * self.norm_factor)
 
+    def attn_output(self, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
+        return self.attn(rms_norm(x) * self.norm_factor, cos, sin) * branch_scale(self.attn_scale, gain, x.dtype)
+
+    def mlp_output(self, x: Tensor, gain: Optional[Tensor]) -> Tensor:
+        return self.mlp_branch(x) * branch_scale(self.mlp_scale, gain, x.dtype)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_gain: Optional[Tensor],
                 mlp_gain: Optional[Tensor]) -> Tensor:
-        attn_out = self.attn(rms_norm(x) * self.norm_factor, cos, sin)
-        attn_out = attn_out * branch_scale(self.attn_scale, attn_gain, x.dtype)
+        attn_out = self.attn_output(x, cos, sin, attn_gain)
         mlp_in = x if self.parallel else x + attn_out
-        mlp_out = self.mlp_branch(mlp_in) * branch_scale(self.mlp_scale, mlp_gain, x.dtype)
-        return x + attn_out + mlp_out
+        return x + attn_out + self.mlp_output(mlp_in, mlp_gain)
 
 
 def branch_scale(scale: Tensor, gain: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -1339,6 +1363,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(rope_dims, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_lanes(hp)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -1392,6 +1417,48 @@ class GPT(nn.Module):
             return x + scaled
         return torch.lerp(scaled, x, torch.sigmoid(self.skip_gates[index]).to(x.dtype))
 
+    # --- the two-lane parallel decoder (PARALLEL_START_LAYER; see the model section of the README) ---
+
+    def init_lanes(self, hp: Hyperparameters) -> None:
+        """One row of lane scalars per lane layer: post[l, source, lane] routes attention (source 0) and MLP
+        (source 1) into each lane (init 1), resid[l, lane] scales the lane itself (init 1.1, as the records)."""
+        self.lane_start = hp.parallel_start_layer if 0 <= hp.parallel_start_layer < hp.num_layers else None
+        if self.lane_start is not None:
+            lanes = hp.num_layers - self.lane_start
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(lanes, 2, 2))
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((lanes, 2), 1.1))
+
+    def run_lane_layer(self, lane0: Tensor, lane1: Tensor, x0: Tensor, layer: int, slot: int, cos: Tensor,
+                       sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention reads lane 0 mixed with x0 (the slot's Birkhoff mix), the MLP reads raw lane 1, in parallel;
+        each output, with its timestep scale, is written into both lanes through learned scalars. The mix only
+        feeds attention: lane 0 itself carries on unmixed, as in the records."""
+        block, row = self.blocks[layer], layer - self.lane_start
+        attn_gain, mlp_gain = self.step_gains(slot)
+        a = block.attn_output(self.stream_mix(lane0, x0, layer, slot), cos, sin, attn_gain)
+        m = block.mlp_output(lane1, mlp_gain)
+        post = self.parallel_post_lambdas[row].to(lane0.dtype)
+        resid = self.parallel_resid_lambdas[row].to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
+
+    def run_decoder(self, x: Tensor, x0: Tensor, skips: list[Tensor], decoder: list[tuple[int, int]],
+                    cos: Tensor, sin: Tensor) -> Tensor:
+        """The decoder half; at the first lane layer x forks into lane 0 (x itself, which keeps taking the U-Net
+        skips) and lane 1 (x as it was before that layer's skip). Returns the lanes' mean, or x without lanes.
+        check_lane_config makes the lane layers a suffix of every sequence, so no sequential layer follows them."""
+        lane1 = None
+        for index, (layer, slot) in enumerate(decoder):
+            if lane1 is None and self.lane_start is not None and layer >= self.lane_start:
+                lane1 = x
+            if index < len(self.skip_weights) and skips:
+                x = self.merge_skip(index, x, skips.pop())
+            if lane1 is None:
+                x = self.run_layer(x, x0, layer, slot, cos, sin)
+            else:
+                x, lane1 = self.run_lane_layer(x, lane1, x0, layer, slot, cos, sin)
+        return x if lane1 is None else (x + lane1) / 2
+
     def embeddings(self, input_ids: Tensor) -> Tensor:
         """Raw token embeddings, smeared by the SmearGate when it is on (before the input RMSNorm)."""
         e = self.tok_emb(input_ids).to(self.activation_dtype)
@@ -1411,11 +1478,7 @@ class GPT(nn.Module):
         for layer, slot in encoder:
             x = self.run_layer(x, x0, layer, slot, cos, sin)
             skips.append(x)
-        for index, (layer, slot) in enumerate(decoder):
-            if index < len(self.skip_weights) and skips:
-                x = self.merge_skip(index, x, skips.pop())
-            x = self.run_layer(x, x0, layer, slot, cos, sin)
-        return rms_norm(x)
+        return rms_norm(self.run_decoder(x, x0, skips, decoder, cos, sin))
 
     def head_logits(self, h: Tensor) -> Tensor:
         """Soft-capped fp32 logits of final hidden states: the one head every loss and score goes through."""
@@ -1948,7 +2011,7 @@ ARTIFACT_PATH = "final_model.int6.ptz"
 # built with the same values. (Sequence lengths are not among them: the rotary tables are derived.)
 ARCHITECTURE_KNOBS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                       "tie_embeddings", "logit_softcap", "rope_base", "rope_dims", "ln_scale", "xsa_last_n",
-                      "parallel_residual_start", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
+                      "parallel_residual_start", "parallel_start_layer", "skip_gates_enabled", "num_loops", "loop_start", "loop_end",
                       "loop_sample", "share_loop_params", "birkhoff_mix", "output_ln", "timestep_scale", "timestep_cap",
                       "sparse_attn_gate_enabled", "sparse_attn_gate_scale", "gate_window", "smear_gate_enabled",
                       "asym_logit_rescale")

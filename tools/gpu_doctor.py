@@ -48,7 +48,7 @@ MIN_STEPS = 4400  # 90% of the record's steps: fewer means this machine or stack
 # A shape that runs every phase in seconds on a 2-core CPU; big enough that GPTQ quantizes the
 # embedding (> 65,536 values) and the looped graph differs from the plain one.
 TINY = dict(VOCAB_SIZE=2048, NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8,
-            XSA_LAST_N=3, PARALLEL_RESIDUAL_START=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1,
+            XSA_LAST_N=3, PARALLEL_START_LAYER=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1,
             TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TRAIN_BATCH_TOKENS=2048, VAL_BATCH_TOKENS=2048,
             EVAL_STRIDE=16, GPTQ_CALIBRATION_BATCHES=2)
 
