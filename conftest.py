@@ -3,7 +3,7 @@ script, and a small dataset in the challenge's exact format, made from generated
 
 Nothing here needs the network or ../shared: data/build_dataset.py trains a SentencePiece BPE model
 with the challenge's settings on a generated pseudo-language and writes its train/val shards.
-Tests marked `slow` run the script end to end in subprocesses; `pytest -m "not slow"` skips them.
+Tests marked `slow` (pytest.ini) run the script end to end or train in-process; `pytest -m "not slow"` skips them.
 """
 
 import os

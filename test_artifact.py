@@ -485,6 +485,7 @@ def test_over_budget_artifact_is_an_error_after_evaluation(tiny_data, tmp_path, 
         assert record["budget_fit"]["method"] == ("none" if allowed else "failed")
 
 
+@pytest.mark.slow
 def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], MODEL_DIM=160, RUN_ID="free")  # 512 x 160 embedding: int8
@@ -507,6 +508,7 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
     assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the fitted file was read
 
 
+@pytest.mark.slow
 def test_pergroup_run_scores_exactly_what_the_brotli_run_scores(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], MODEL_DIM=160)  # 512 x 160 embedding: int8 codes

@@ -232,6 +232,7 @@ def test_downloads_the_caseops_variant_with_its_byte_sidecar(hub, tmp_path):
     assert sidecar.tolist() == [3] * 40 and [f.name for f in files] == ["fineweb_val_bytes_000000.bin"]
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_a_clear_error_and_the_rerun_resumes(hub, tmp_path):
     name = f"datasets/datasets/fineweb10B_{CASEOPS}/fineweb_train_000001.bin"
     hub.break_files.add(name)
@@ -253,6 +254,7 @@ def test_a_dropped_connection_is_a_clear_error_and_the_rerun_resumes(hub, tmp_pa
         assert path.read_bytes() == hub.files[f"datasets/datasets/fineweb10B_{CASEOPS}/{path.name}"]
 
 
+@pytest.mark.slow
 def test_network_failure_names_the_url(tmp_path):
     result = download("http://127.0.0.1:9", tmp_path, "--variant", "sp64")
     assert result.returncode == 2 and "Traceback" not in result.stderr

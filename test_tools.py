@@ -305,6 +305,7 @@ def test_package_never_claims_an_unsupported_record(sweep, tmp_path, capsys):
     assert not (tmp_path / "track_10min_16mb").exists()
 
 
+@pytest.mark.slow
 def test_package_refuses_a_record_whose_data_overlapped(sweep, tmp_path, capsys):
     logs = tmp_path / "logs"
     shutil.copytree(sweep / "logs", logs)
