@@ -108,10 +108,6 @@ def run_script(args, env, cwd, timeout=300) -> subprocess.CompletedProcess:
 VOCAB = 512
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: runs the script end to end in a subprocess (deselect with -m 'not slow')")
-
-
 def pseudo_language(num_docs: int, seed: int) -> list[str]:
     """Documents with learnable structure: Zipf-distributed words, bigram habits, digits, non-ASCII."""
     rng = random.Random(seed)
