@@ -13,11 +13,11 @@ def reference_hidden(model: tg.GPT, ids: torch.Tensor) -> torch.Tensor:
     """The decoder written out by hand from the spec: sequential layers, then from the first lane layer on,
     fork lane0 = lane1 = x, skips into lane 0 only, and the final hidden state is RMSNorm of the lanes' mean."""
     x = tg.rms_norm(model.embeddings(ids))
-    x0, cos, sin = x, model.rope_cos[:ids.size(1)], model.rope_sin[:ids.size(1)]
+    x0, layout = x, model.attention_layout(ids)
     encoder, decoder = model.sequences[model.loops]
     skips = []
     for layer, slot in encoder:
-        x = model.run_layer(x, x0, layer, slot, cos, sin)
+        x = model.run_layer(x, x0, layer, slot, layout)
         skips.append(x)
     lane0 = lane1 = None
     for index, (layer, slot) in enumerate(decoder):
@@ -27,10 +27,10 @@ def reference_hidden(model: tg.GPT, ids: torch.Tensor) -> torch.Tensor:
         skip = skips.pop() if index < len(model.skip_weights) and skips else None
         if not lane_layer:
             x = x if skip is None else model.merge_skip(index, x, skip)
-            x = model.run_layer(x, x0, layer, slot, cos, sin)
+            x = model.run_layer(x, x0, layer, slot, layout)
             continue
         lane0 = lane0 if skip is None else model.merge_skip(index, lane0, skip)
-        lane0, lane1 = model.run_lane_layer(lane0, lane1, x0, layer, slot, cos, sin)
+        lane0, lane1 = model.run_lane_layer(lane0, lane1, x0, layer, slot, layout)
     return tg.rms_norm(x if lane0 is None else (lane0 + lane1) / 2)
 
 
@@ -69,18 +69,18 @@ def test_one_lane_layer_update_matches_the_formula():
     block, row = model.blocks[layer], layer - hp.parallel_start_layer
     torch.manual_seed(2)
     lane0, lane1, x0 = torch.randn(3, 2, 16, hp.model_dim).unbind(0)
-    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    layout = model.attention_layout(torch.randint(2, 512, (2, 16)))
     with torch.no_grad():
         a = torch.sigmoid(model.mix_logits[model.mix_row[layer]])
         c = 1 / (layer + 1) ** 0.5
         cap = hp.timestep_cap
-        attn = block.attn(tg.rms_norm(a * lane0 + (1 - a) * x0) * c, cos, sin)
+        attn = block.attn(tg.rms_norm(a * lane0 + (1 - a) * x0) * c, layout)
         attn = attn * block.attn_scale * model.attn_step_scales[layer].clamp(-cap, cap)
         mlp = tg.rms_norm(block.mlp(lane1)) * c * block.mlp_scale * model.mlp_step_scales[layer].clamp(-cap, cap)
         post, resid = model.parallel_post_lambdas[row], model.parallel_resid_lambdas[row]
         want0 = resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp
         want1 = resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp
-        got0, got1 = model.run_lane_layer(lane0, lane1, x0, layer, layer, cos, sin)
+        got0, got1 = model.run_lane_layer(lane0, lane1, x0, layer, layer, layout)
     assert torch.allclose(got0, want0, atol=1e-5) and torch.allclose(got1, want1, atol=1e-5)
     assert not torch.allclose(got0, got1, atol=1e-3)
 

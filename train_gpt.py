@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -125,6 +126,9 @@ class Hyperparameters:
                                         "lane 0, the MLP lane 1, both write both lanes (< 0: none)")
     skip_gates_enabled: bool = knob(True, "sigmoid-gated U-Net skips (else additive)")
     qk_gain_init: float = knob(5.25, "initial per-head query gain")
+    doc_attention: bool = knob(True, "attention never crosses a BOS (each document, and a row's leading fragment, "
+                                     "attends only to itself) and rotary positions restart at each document "
+                                     "(0: dense causal attention over the whole row)")
     # gates (see SparseAttnGate and SmearGate in the model section)
     sparse_attn_gate_enabled: bool = knob(True, "per-head sigmoid gate on the attention output, read from the first "
                                                 "GATE_WINDOW channels of the block's normalized input")
@@ -443,7 +447,7 @@ class Runtime:
     world_size: int
     device: torch.device
     distributed: bool
-    attn_backend: str  # "flash_attn_3" or "sdpa"
+    attn_backend: str  # "flash_attn_3", "flex" (document masks on CUDA) or "sdpa"
     compile: bool
     activation_dtype: torch.dtype
 
@@ -492,6 +496,20 @@ def choose_attention(hp: Hyperparameters, device: torch.device) -> str:
     return "flash_attn_3"
 
 
+def document_attention_backend(hp: Hyperparameters, dense: str, device: torch.device) -> str:
+    """The attention path under DOC_ATTENTION=1, given the dense path `dense` that choose_attention picked.
+
+    A document mask needs a kernel that takes one: on CUDA flex_attention with a BlockMask (whose shape is
+    fixed by the batch shape, so torch.compile never recompiles for a new set of documents), also when
+    FlashAttention 3 was chosen, since its varlen path is not wired here (its boundary tensor has a
+    data-dependent length); ATTN_BACKEND=sdpa keeps SDPA with a boolean mask. On CPU SDPA with a boolean
+    mask: flex_attention has no backward on CPU in torch 2.13.
+    """
+    if not hp.doc_attention:
+        return dense
+    return "flex" if device.type == "cuda" and hp.attn_backend != "sdpa" else "sdpa"
+
+
 def init_runtime(hp: Hyperparameters, environ) -> Runtime:
     rank, local_rank, world_size, distributed = world_from_env(environ)
     check_config(hp, world_size)
@@ -512,8 +530,8 @@ def init_runtime(hp: Hyperparameters, environ) -> Runtime:
         torch._dynamo.config.cache_size_limit = 32
     # bf16 activations on GPUs (tensor cores). On CPU fp32: see BENCHMARKS.md, bf16 autocast was slower there.
     activation_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return Runtime(rank, local_rank, world_size, device, distributed, choose_attention(hp, device),
-                   use_compile, activation_dtype)
+    return Runtime(rank, local_rank, world_size, device, distributed,
+                   document_attention_backend(hp, choose_attention(hp, device), device), use_compile, activation_dtype)
 
 
 class RunLog:
@@ -1180,21 +1198,80 @@ def rotary_tables(rope_dims: int, base: float, max_len: int) -> tuple[Tensor, Te
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first cos.size(-1)*2 dims of each head of x (B, T, H, D); pass the rest through."""
+    """Rotate the first cos.size(-1)*2 dims of each head of x (B, T, H, D); pass the rest through.
+    cos/sin are (T, R) for positions shared by every row, or (B, T, R) for per-token positions."""
     r = 2 * cos.size(-1)
     x1, x2, rest = x[..., :r // 2], x[..., r // 2:r], x[..., r:]
-    cos, sin = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    cos, sin = cos[..., None, :].to(x.dtype), sin[..., None, :].to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); query head h reads kv head h // (H/Hkv)."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
+    """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); query head h reads kv head h // (H/Hkv).
+    `mask` (see AttentionLayout): None is dense causal attention; a BlockMask for backend "flex", or a
+    boolean (B, 1, T, T) mask for SDPA, already holds causality."""
     if backend == "flash_attn_3":
         out = FLASH_ATTN_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend == "flex":
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+# --- Per-document attention (DOC_ATTENTION): what attention may read, built once per forward -------
+#
+# A row's *segments* are its maximal runs that start at a BOS or at the row start: a document, or the
+# fragment of one that the row cut. Attention never crosses a segment boundary and rotary positions
+# restart at each segment, so a packed row computes what its documents would compute alone. The row
+# length (TRAIN_SEQ_LEN, EVAL_SEQ_LEN) is the segment cap: pieces of a longer document in different rows
+# never attend to each other. Everything is computed from the input ids inside the forward with shapes
+# fixed by the batch shape, so every forward path (training, validation, GPTQ calibration, sliding
+# windows, TTT) gets it and torch.compile sees no data-dependent shape.
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """What every attention layer of one forward reads: rotary tables at each token's position, (T, R) or
+    (B, T, R), and the mask in the backend's form (None: dense causal; see causal_attention)."""
+
+    cos: Tensor
+    sin: Tensor
+    mask: Optional[object] = None
+
+
+def segment_starts(input_ids: Tensor) -> Tensor:
+    """(B, T): the index of the first token of each token's segment (its last BOS at or before it, else 0)."""
+    index = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    return torch.cummax(torch.where(input_ids == BOS_ID, index, 0), dim=1).values
+
+
+def document_mask(starts: Tensor) -> Tensor:
+    """SDPA's boolean mask (B, 1, T, T): query t reads key s iff s <= t in the same segment."""
+    t = starts.size(1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=starts.device).tril()
+    return ((starts[:, :, None] == starts[:, None, :]) & causal)[:, None]
+
+
+def document_block_mask(starts: Tensor) -> BlockMask:
+    """The same mask as a flex_attention BlockMask: blocks wholly outside every segment are skipped."""
+    def same_segment(b, h, q, kv):
+        return (starts[b, q] == starts[b, kv]) & (kv <= q)
+    b, t = starts.shape
+    return create_block_mask(same_segment, b, None, t, t, device=starts.device)
+
+
+def attention_layout(input_ids: Tensor, cos: Tensor, sin: Tensor, per_document: bool, backend: str) -> AttentionLayout:
+    """The layout of a batch from full rotary tables cos/sin (max_len, R). Dense: positions 0..T-1 of the
+    row, the same tensors as before DOC_ATTENTION existed. Per document: positions restart at each segment."""
+    t = input_ids.size(1)
+    if not per_document:
+        return AttentionLayout(cos[:t], sin[:t])
+    starts = segment_starts(input_ids)
+    positions = torch.arange(t, device=input_ids.device) - starts
+    mask = document_block_mask(starts) if backend == "flex" else document_mask(starts)
+    return AttentionLayout(cos[positions], sin[positions], mask)
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
@@ -1237,15 +1314,15 @@ class Attention(nn.Module):
         self.attn_gate_w = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_window)) if gated else None
         self.gate_scale = hp.sparse_attn_gate_scale
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(rms_norm(q), cos, sin)
-        k = apply_rotary(rms_norm(k), cos, sin)
+        q = apply_rotary(rms_norm(q), layout.cos, layout.sin)
+        k = apply_rotary(rms_norm(k), layout.cos, layout.sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
-        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, self.backend)
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v, self.backend, layout.mask)
         if self.use_xsa:
             y = remove_self_value(y, v)
         if self.attn_gate_w is not None:
@@ -1289,15 +1366,15 @@ class Block(nn.Module):
             return rms_norm(self.mlp(x)) * self.norm_factor
         return self.mlp(rms_norm(x) * self.norm_factor)
 
-    def attn_output(self, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor]) -> Tensor:
-        return self.attn(rms_norm(x) * self.norm_factor, cos, sin) * branch_scale(self.attn_scale, gain, x.dtype)
+    def attn_output(self, x: Tensor, layout: AttentionLayout, gain: Optional[Tensor]) -> Tensor:
+        return self.attn(rms_norm(x) * self.norm_factor, layout) * branch_scale(self.attn_scale, gain, x.dtype)
 
     def mlp_output(self, x: Tensor, gain: Optional[Tensor]) -> Tensor:
         return self.mlp_branch(x) * branch_scale(self.mlp_scale, gain, x.dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_gain: Optional[Tensor],
+    def forward(self, x: Tensor, layout: AttentionLayout, attn_gain: Optional[Tensor],
                 mlp_gain: Optional[Tensor]) -> Tensor:
-        attn_out = self.attn_output(x, cos, sin, attn_gain)
+        attn_out = self.attn_output(x, layout, attn_gain)
         mlp_in = x if self.parallel else x + attn_out
         return x + attn_out + self.mlp_output(mlp_in, mlp_gain)
 
@@ -1333,6 +1410,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         self.lm_head = None if hp.tie_embeddings else nn.Linear(hp.model_dim, hp.vocab_size, bias=False)
         self.blocks = nn.ModuleList(Block(hp, i, attn_backend) for i in range(hp.num_layers))
+        self.attn_backend = attn_backend
         self.plan = LoopPlan.from_hyperparameters(hp)
         # Sequences are looked up, not built, inside the forward: torch.compile then sees one graph
         # per loop count, guarded on self.loops (see `looping`).
@@ -1408,8 +1486,8 @@ class GPT(nn.Module):
             return attn, mlp
         return attn.clamp(-cap, cap), mlp.clamp(-cap, cap)
 
-    def run_layer(self, x: Tensor, x0: Tensor, layer: int, slot: int, cos: Tensor, sin: Tensor) -> Tensor:
-        return self.blocks[layer](self.stream_mix(x, x0, layer, slot), cos, sin, *self.step_gains(slot))
+    def run_layer(self, x: Tensor, x0: Tensor, layer: int, slot: int, layout: AttentionLayout) -> Tensor:
+        return self.blocks[layer](self.stream_mix(x, x0, layer, slot), layout, *self.step_gains(slot))
 
     def merge_skip(self, index: int, x: Tensor, skip: Tensor) -> Tensor:
         scaled = self.skip_weights[index].to(x.dtype) * skip
@@ -1428,14 +1506,14 @@ class GPT(nn.Module):
             self.parallel_post_lambdas = nn.Parameter(torch.ones(lanes, 2, 2))
             self.parallel_resid_lambdas = nn.Parameter(torch.full((lanes, 2), 1.1))
 
-    def run_lane_layer(self, lane0: Tensor, lane1: Tensor, x0: Tensor, layer: int, slot: int, cos: Tensor,
-                       sin: Tensor) -> tuple[Tensor, Tensor]:
+    def run_lane_layer(self, lane0: Tensor, lane1: Tensor, x0: Tensor, layer: int, slot: int,
+                       layout: AttentionLayout) -> tuple[Tensor, Tensor]:
         """Attention reads lane 0 mixed with x0 (the slot's Birkhoff mix), the MLP reads raw lane 1, in parallel;
         each output, with its timestep scale, is written into both lanes through learned scalars. The mix only
         feeds attention: lane 0 itself carries on unmixed, as in the records."""
         block, row = self.blocks[layer], layer - self.lane_start
         attn_gain, mlp_gain = self.step_gains(slot)
-        a = block.attn_output(self.stream_mix(lane0, x0, layer, slot), cos, sin, attn_gain)
+        a = block.attn_output(self.stream_mix(lane0, x0, layer, slot), layout, attn_gain)
         m = block.mlp_output(lane1, mlp_gain)
         post = self.parallel_post_lambdas[row].to(lane0.dtype)
         resid = self.parallel_resid_lambdas[row].to(lane0.dtype)
@@ -1443,7 +1521,7 @@ class GPT(nn.Module):
                 resid[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
     def run_decoder(self, x: Tensor, x0: Tensor, skips: list[Tensor], decoder: list[tuple[int, int]],
-                    cos: Tensor, sin: Tensor) -> Tensor:
+                    layout: AttentionLayout) -> Tensor:
         """The decoder half; at the first lane layer x forks into lane 0 (x itself, which keeps taking the U-Net
         skips) and lane 1 (x as it was before that layer's skip). Returns the lanes' mean, or x without lanes.
         check_lane_config makes the lane layers a suffix of every sequence, so no sequential layer follows them."""
@@ -1454,9 +1532,9 @@ class GPT(nn.Module):
             if index < len(self.skip_weights) and skips:
                 x = self.merge_skip(index, x, skips.pop())
             if lane1 is None:
-                x = self.run_layer(x, x0, layer, slot, cos, sin)
+                x = self.run_layer(x, x0, layer, slot, layout)
             else:
-                x, lane1 = self.run_lane_layer(x, lane1, x0, layer, slot, cos, sin)
+                x, lane1 = self.run_lane_layer(x, lane1, x0, layer, slot, layout)
         return x if lane1 is None else (x + lane1) / 2
 
     def embeddings(self, input_ids: Tensor) -> Tensor:
@@ -1469,16 +1547,20 @@ class GPT(nn.Module):
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         x = rms_norm(self.embeddings(input_ids))
         x0 = x
-        cos, sin = self.rope_cos[:input_ids.size(1)], self.rope_sin[:input_ids.size(1)]
+        layout = self.attention_layout(input_ids)
         encoder, decoder = self.sequences[self.loops]
         # Skips pair the innermost encoder output with the first decoder layer, outwards; pair k
         # uses skip weight k, and pairs beyond the trained count get no skip (as in the record,
         # whose shorter unlooped sequence uses only the inner weights).
         skips = []
         for layer, slot in encoder:
-            x = self.run_layer(x, x0, layer, slot, cos, sin)
+            x = self.run_layer(x, x0, layer, slot, layout)
             skips.append(x)
-        return rms_norm(self.run_decoder(x, x0, skips, decoder, cos, sin))
+        return rms_norm(self.run_decoder(x, x0, skips, decoder, layout))
+
+    def attention_layout(self, input_ids: Tensor) -> AttentionLayout:
+        """Built once per forward and read by every attention layer (DOC_ATTENTION: see attention_layout)."""
+        return attention_layout(input_ids, self.rope_cos, self.rope_sin, self.hp.doc_attention, self.attn_backend)
 
     def head_logits(self, h: Tensor) -> Tensor:
         """Soft-capped fp32 logits of final hidden states: the one head every loss and score goes through."""
