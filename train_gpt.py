@@ -2613,6 +2613,7 @@ FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of the measured-to-entropy byte ratio (
 
 @dataclasses.dataclass
 class FillStep:
+    """One step a lever proposes: what it changes, and what it is predicted to cost and to buy."""
     lever: str
     what: str  # for the log, e.g. "MLP_CLIP_SIGMAS 11.5 -> 11.27"
     before: dict[str, dict]  # the current entries the step replaces; it applies only while they are current
@@ -2704,6 +2705,15 @@ def best_fill_step(levers: list[Lever], current: dict[str, dict], hp: Hyperparam
     return None, candidates
 
 
+def describe_fill_try(decisions: list[dict], tries: int, size: int, budget: int, candidates: list[FillStep]) -> str:
+    """The log line of the latest try: the step, its predictions, the measured size, and every candidate's gain."""
+    d = decisions[-1]
+    return (f"budget_fill: try {len(decisions)}/{tries}: {d['lever']} {d['step']}: predicted +{d['predicted_bytes']} "
+            f"bytes, Hessian-weighted error {d['predicted_error']:+.4g}; measured {d['measured_bytes']:+d} -> {size} of "
+            f"{budget} model bytes: {'kept' if d['accepted'] else 'over, dropped'} (error removed per byte by each "
+            f"candidate: " + ", ".join(f"{c.what} {c.gain:.3g}" for c in candidates) + ")")
+
+
 def fill_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
                 blob: bytes, budget: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict, list[dict]]:
     """Greedy steps toward `budget` model bytes, each measured by one exact compression and kept only if it fits.
@@ -2719,10 +2729,7 @@ def fill_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tens
         measured = len(trial) - len(blob)
         decisions.append(dict(lever=step.lever, step=step.what, predicted_bytes=round(step.bytes * ratio),
                               predicted_error=step.error, measured_bytes=measured, accepted=len(trial) <= budget))
-        log(f"budget_fill: try {len(decisions)}/{hp.budget_fill_tries}: {step.lever} {step.what}: predicted "
-            f"+{decisions[-1]['predicted_bytes']} bytes, Hessian-weighted error {step.error:+.4g}; measured {measured:+d} "
-            f"-> {len(trial)} of {budget} model bytes: {'kept' if decisions[-1]['accepted'] else 'over, dropped'} "
-            f"(error removed per byte by each candidate: " + ", ".join(f"{c.what} {c.gain:.3g}" for c in candidates) + ")")
+        log(describe_fill_try(decisions, hp.budget_fill_tries, len(trial), budget, candidates))
         if step.bytes > 0 and measured > 0:
             ratio = min(max(measured / step.bytes, FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
         if decisions[-1]["accepted"]:
