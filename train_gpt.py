@@ -207,6 +207,11 @@ class Hyperparameters:
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
     budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
     budget_fit_method: str = knob("clip", "how an artifact over budget is shrunk: clip (coarser SDClip steps) or prune (±1 codes)")
+    budget_fill: bool = knob(False, "grow an artifact under limit - margin: spend the spare bytes greedily on the step that "
+                                    "removes the most Hessian-weighted error per byte (a tighter clip of one group)")
+    budget_fill_slack_bytes: int = knob(2000, "BUDGET_FILL stops once model + code are within this many bytes under limit - margin")
+    budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
+                                     "~100 s on one CPU core; pergroup ~2 s)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(True, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -409,6 +414,9 @@ def check_artifact_config(hp: Hyperparameters) -> None:
     need(hp, 0 <= hp.budget_margin_bytes < hp.artifact_limit_bytes, "BUDGET_MARGIN_BYTES",
          f"must be >= 0 and below ARTIFACT_LIMIT_BYTES={hp.artifact_limit_bytes}")
     need(hp, hp.budget_fit_method in FIT_METHODS, "BUDGET_FIT_METHOD", f"must be one of {', '.join(FIT_METHODS)}")
+    need(hp, 0 <= hp.budget_fill_slack_bytes < hp.artifact_limit_bytes - hp.budget_margin_bytes, "BUDGET_FILL_SLACK_BYTES",
+         "must be >= 0 and below ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES")
+    need(hp, hp.budget_fill_tries >= 1, "BUDGET_FILL_TRIES", "must be >= 1")
 
 
 def check_evaluation_config(hp: Hyperparameters) -> None:
@@ -2233,14 +2241,19 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.float() * scale.float()[:, None]
 
 
+def quantize_matrix(name: str, t: Tensor, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict:
+    """GPTQ with the tensor's bits and clip: {'codes', 'scale', 'bits'}, on the CPU."""
+    bits, sigmas = quant_settings(name, hp)
+    codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
+    return dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+
+
 def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, dict]:
     """name -> {'codes', 'scale', 'bits'} for quantized matrices (and gates), {'fp16'} for everything else."""
     out = {}
     for name, t in model.state_dict().items():
         if is_quantized(t):
-            bits, sigmas = quant_settings(name, hp)
-            codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
-            out[name] = dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+            out[name] = quantize_matrix(name, t, hessians, hp)
         elif hp.gated_attn_quant_gate and is_gate_tensor(name):
             out[name] = quantize_gate_rows(t)
         else:
@@ -2497,8 +2510,8 @@ def describe_quantization(quantized: dict[str, dict]) -> list[str]:
 # --- Budget fitter: shrink GPTQ's artifact until model + code fit ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES.
 # A shrinker maps a monotone "amount" (0 = GPTQ's own state) to a quantized state that compresses
 # smaller as the amount grows; the search measures exact compressed sizes, guided by a cheap
-# entropy estimate, and keeps the smallest amount that fits. (Growing an artifact that is under
-# budget would be a negative amount of the same kind.)
+# entropy estimate, and keeps the smallest amount that fits. (An artifact under budget is grown by
+# the budget filler below, with BUDGET_FILL=1.)
 
 FIT_MAX_TRIES = 4  # exact compressions after the first (brotli-11: ~0.4 MB/s of raw bytes on one loaded CPU core)
 FIT_OVERSHOOT = 0.01  # aim 1% (+256 bytes) past the needed saving, so that the first try usually fits
@@ -2668,11 +2681,168 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
     return dict(amount=hi["amount"], quantized=hi["quantized"], blob=hi["blob"], tries=tries)
 
 
+# --- Budget filler (issue 14, BUDGET_FILL=1): grow an artifact that is under the target. The records tune
+# their clips by hand and leave 8-100 KB unused; the filler spends those bytes where they buy the most.
+# A lever proposes steps; each step knows the entries it replaces, their new values, its predicted bytes
+# (the change of the codes' order-0 entropy, calibrated by the exact sizes measured so far) and its
+# predicted change of GPTQ's objective, the Hessian-weighted output error. The filler takes the step that
+# removes the most error per byte, measures it with one exact compression, keeps it only if it fits,
+# and stops within BUDGET_FILL_SLACK_BYTES of the target or after BUDGET_FILL_TRIES compressions.
+
+FILL_CLIP_NOTCH = 0.02  # one step of the clip lever tightens one group's clip sigmas by at most 2%
+FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of the measured-to-entropy byte ratio (brotli is not smooth in small steps)
+
+
+@dataclasses.dataclass
+class FillStep:
+    """One step a lever proposes: what it changes, and what it is predicted to cost and to buy."""
+    lever: str
+    what: str  # for the log, e.g. "MLP_CLIP_SIGMAS 11.5 -> 11.27"
+    before: dict[str, dict]  # the current entries the step replaces; it applies only while they are current
+    after: dict[str, dict]
+    knobs: dict[str, float]  # the Hyperparameters fields it changes
+    bytes: float  # predicted bytes added: the change of the codes' order-0 entropy
+    error: float  # predicted change of the Hessian-weighted output error (negative: better)
+    smaller: Optional[Callable[[float], "FillStep"]] = None  # the same step scaled to a fraction of its size
+
+    @property
+    def gain(self) -> float:
+        """Error removed per byte spent: the greedy order."""
+        return -self.error / max(self.bytes, 1.0)
+
+    def applies_to(self, quantized: dict[str, dict]) -> bool:
+        return all(quantized.get(name) is entry for name, entry in self.before.items())
+
+
+Lever = Callable[[dict[str, dict], Hyperparameters], list[FillStep]]  # (current state, current knobs) -> its steps
+
+
+def output_error(weights: dict[str, Tensor], quantized: dict[str, dict], hessians: dict[str, Tensor]) -> float:
+    """Σ tr(ΔW·H·ΔWᵀ) over the entries, ΔW = W − Ŵ: the output error the rounding adds on the calibration
+    inputs (GPTQ's objective; full H, since GPTQ trades columns' errors against each other). No Hessian: Σ ΔW²."""
+    total = 0.0
+    for name, q in quantized.items():
+        w = weights[name].detach().float()
+        delta = w - dequantize(q["codes"], q["scale"]).to(w.device)
+        h = hessians.get(name)
+        total += ((delta @ h.float()) * delta).sum().item() if h is not None else delta.square().sum().item()
+    return total
+
+
+def clip_knob_of(name: str) -> str:
+    """The clip-sigma knob of a quantized tensor: the embedding's (or untied head's), else its group's."""
+    return "embed_clip_sigmas" if name in ("tok_emb.weight", "lm_head.weight") else clip_group(name)
+
+
+def clip_step(model: GPT, hessians: dict[str, Tensor], current: dict[str, dict], hp: Hyperparameters,
+              knob: str, names: list[str], fraction: float) -> FillStep:
+    """GPTQ re-run on one clip group's matrices with its sigmas `fraction` of a notch tighter."""
+    weights = model.state_dict()
+    sigmas = getattr(hp, knob) * (1 - FILL_CLIP_NOTCH) ** fraction
+    tighter = dataclasses.replace(hp, **{knob: sigmas})
+    before = {name: current[name] for name in names}
+    after = {name: quantize_matrix(name, weights[name], hessians, tighter) for name in names}
+    return FillStep("clip", f"{knob.upper()} {getattr(hp, knob):.4g} -> {sigmas:.4g}", before, after, {knob: sigmas},
+                    entropy_bytes(after) - entropy_bytes(before),
+                    output_error(weights, after, hessians) - output_error(weights, before, hessians),
+                    lambda f: clip_step(model, hessians, current, hp, knob, names, fraction * f))
+
+
+def clip_lever(model: GPT, hessians: dict[str, Tensor]) -> Lever:
+    """One step per clip group present (MLP, attention, other matrices, embedding): that group a notch tighter.
+    A group's step is reused while its matrices are unchanged, so a round re-runs GPTQ only on the group that moved."""
+    groups: dict[str, list[str]] = {}
+    for name, t in model.state_dict().items():
+        if is_quantized(t):
+            groups.setdefault(clip_knob_of(name), []).append(name)
+    steps: dict[str, FillStep] = {}
+
+    def propose(current: dict[str, dict], hp: Hyperparameters) -> list[FillStep]:
+        for knob, names in groups.items():
+            if knob not in steps or not steps[knob].applies_to(current):
+                steps[knob] = clip_step(model, hessians, current, hp, knob, names, 1.0)
+        return list(steps.values())
+
+    return propose
+
+
+def fill_levers(model: GPT, hessians: dict[str, Tensor]) -> list[Lever]:
+    """The levers the filler may pull. LQER rank (one more rank on the matrix whose residual it helps most) and
+    AWQ (one more salient-channel group) join here when they land, each as one function like clip_lever."""
+    return [clip_lever(model, hessians)]
+
+
+def best_fill_step(levers: list[Lever], current: dict[str, dict], hp: Hyperparameters,
+                   allowance: float) -> tuple[Optional[FillStep], list[FillStep]]:
+    """The step that removes the most error per byte, scaled down to `allowance` predicted bytes if larger (one
+    that cannot be scaled gives way to the next); and every candidate, best first, for the log."""
+    candidates = sorted((s for lever in levers for s in lever(current, hp)), key=lambda s: s.gain, reverse=True)
+    for step in candidates:
+        if step.error >= 0:
+            break  # sorted by gain: no later candidate removes error either
+        if step.bytes <= allowance:
+            return step, candidates
+        if step.smaller is not None:
+            return step.smaller(allowance / step.bytes), candidates
+    return None, candidates
+
+
+def describe_fill_try(decisions: list[dict], tries: int, size: int, budget: int, candidates: list[FillStep]) -> str:
+    """The log line of the latest try: the step, its predictions, the measured size, and every candidate's gain."""
+    d = decisions[-1]
+    return (f"budget_fill: try {len(decisions)}/{tries}: {d['lever']} {d['step']}: predicted +{d['predicted_bytes']} "
+            f"bytes, Hessian-weighted error {d['predicted_error']:+.4g}; measured {d['measured_bytes']:+d} -> {size} of "
+            f"{budget} model bytes: {'kept' if d['accepted'] else 'over, dropped'} (error removed per byte by each "
+            f"candidate: " + ", ".join(f"{c.what} {c.gain:.3g}" for c in candidates) + ")")
+
+
+def fill_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
+                blob: bytes, budget: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict, list[dict]]:
+    """Greedy steps toward `budget` model bytes, each measured by one exact compression and kept only if it fits.
+    Returns the state, its bytes, the knobs the kept steps set, and every decision."""
+    levers, knobs, decisions, ratio = fill_levers(model, hessians), {}, [], 1.0
+    while len(decisions) < hp.budget_fill_tries and budget - len(blob) > hp.budget_fill_slack_bytes:
+        aim = budget - len(blob) - hp.budget_fill_slack_bytes / 2  # aim at the middle of the slack
+        step, candidates = best_fill_step(levers, quantized, dataclasses.replace(hp, **knobs), aim / ratio)
+        if step is None or step.error >= 0:
+            log(f"budget_fill: no step left that removes error within {aim:.0f} bytes; stopping")
+            break
+        trial = serialize_artifact({**quantized, **step.after}, hp)
+        measured = len(trial) - len(blob)
+        decisions.append(dict(lever=step.lever, step=step.what, predicted_bytes=round(step.bytes * ratio),
+                              predicted_error=step.error, measured_bytes=measured, accepted=len(trial) <= budget))
+        log(describe_fill_try(decisions, hp.budget_fill_tries, len(trial), budget, candidates))
+        if step.bytes > 0 and measured > 0:
+            ratio = min(max(measured / step.bytes, FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
+        if decisions[-1]["accepted"]:
+            quantized, blob = {**quantized, **step.after}, trial
+            knobs.update(step.knobs)
+    return quantized, blob, knobs, decisions
+
+
+def fill_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
+                   blob: bytes, code_bytes: int, report: dict, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
+    """fit_to_budget for an artifact under the target with BUDGET_FILL=1: grow it, and report what was done."""
+    t0 = time.perf_counter()
+    filled, blob, knobs, decisions = fill_budget(model, quantized, hessians, hp, blob, report["target"] - code_bytes, log)
+    kept = [d for d in decisions if d["accepted"]]
+    report.update(method="fill" if kept else "none", after=len(blob) + code_bytes, tries=len(decisions),
+                  seconds=round(time.perf_counter() - t0, 2), fill=decisions, hessian_error=sum(d["predicted_error"] for d in kept),
+                  knobs={k.upper(): round(v, 6) for k, v in knobs.items()})
+    log(f"budget_fill: limit {hp.artifact_limit_bytes} - margin {hp.budget_margin_bytes} = target {report['target']}; "
+        f"before {report['before']} after {report['after']} bytes ({report['target'] - report['after']} left, slack "
+        f"{hp.budget_fill_slack_bytes}); {len(kept)} of {len(decisions)} steps kept ("
+        + (", ".join(f"{k} {v:.4g}" for k, v in report["knobs"].items()) or "artifact unchanged")
+        + f"); predicted Hessian-weighted error {report['hessian_error']:+.4g}; {len(decisions)} compressions in {report['seconds']}s")
+    return filled, blob, report
+
+
 def fit_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
                   code_bytes: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict]:
     """GPTQ's state and its compressed bytes, shrunk by BUDGET_FIT_METHOD if model + code exceed limit - margin.
 
-    Under the target (or with ALLOW_OVER_BUDGET=1) GPTQ's bytes are returned untouched. If even
+    Under the target (or with ALLOW_OVER_BUDGET=1) GPTQ's bytes are returned untouched, unless
+    BUDGET_FILL=1 grows an artifact under the target (fill_to_budget). If even
     the method's maximum amount does not fit, GPTQ's bytes are returned too and the run's budget
     check reports the overrun. Every rank computes the same result (GPTQ and compression are
     deterministic), and every rank reads back the file rank 0 writes.
@@ -2682,6 +2852,8 @@ def fit_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Te
     target = hp.artifact_limit_bytes - hp.budget_margin_bytes
     report = dict(limit=hp.artifact_limit_bytes, margin=hp.budget_margin_bytes, target=target,
                   before=len(blob) + code_bytes, after=len(blob) + code_bytes, method="none", amount=0, tries=0)
+    if report["before"] <= target and hp.budget_fill:
+        return fill_to_budget(model, quantized, hessians, hp, blob, code_bytes, report, log)
     if report["before"] <= target or hp.allow_over_budget:
         why = "ALLOW_OVER_BUDGET=1" if report["before"] > target else f"<= target {target}"
         log(f"budget_fit: {report['before']} bytes {why} (limit {hp.artifact_limit_bytes} - margin "

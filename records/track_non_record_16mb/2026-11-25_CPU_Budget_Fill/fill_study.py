@@ -1,0 +1,90 @@
+"""Budget-fill study: does spending spare bytes with BUDGET_FILL buy post-quantization bpb, and what does it choose?
+
+  python3 fill_study.py train OUT.pt     # train the small CPU model once; save its EMA state and GPTQ Hessians
+  python3 fill_study.py measure OUT.pt   # for several spare amounts and both coders: fill, then score
+
+For each spare amount the filler (tg.fit_to_budget with BUDGET_FILL=1, exactly as in a run, code bytes 0) grows
+GPTQ's artifact; as a control, one uniform clip tightening of every group (tg.scaled_clips) spends about the same
+bytes. Knobs come from the environment like train_gpt.py (see README.md here for the command).
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+import train_gpt as tg  # noqa: E402
+
+SPARE_BYTES = (5_000, 10_000, 20_000)
+
+
+def setup() -> tuple[tg.Hyperparameters, tg.Runtime, tg.RunLog, tg.Validation]:
+    hp = tg.Hyperparameters.from_env(os.environ)
+    rt = tg.init_runtime(hp, os.environ)
+    log = tg.RunLog(hp, rt, Path(tg.__file__).read_text())
+    return hp, rt, log, tg.load_validation(hp, tg.load_tokenizer(hp), log)
+
+
+def train(out: Path) -> None:
+    hp, rt, log, val = setup()
+    trainer = tg.Trainer(hp, rt, log)
+    trainer.warm_up()
+    trainer.train(val, tg.gptq_reserve_seconds(trainer, hp, rt, log))
+    with trainer.model.looping(hp.num_loops):
+        hessians = tg.collect_hessians(trainer.model, trainer.calibration_batches(hp.gptq_calibration_batches), rt)
+    torch.save(dict(state=trainer.model.state_dict(), hessians=hessians), out)
+
+
+def score(quantized: dict, hp: tg.Hyperparameters, rt: tg.Runtime, val: tg.Validation) -> float:
+    model = tg.GPT(hp, rt.attn_backend, rt.activation_dtype)
+    model.load_state_dict(tg.dequantize_state(quantized), strict=True)
+    return tg.evaluate(model, val, hp, rt)[1]
+
+
+def uniform_control(model: tg.GPT, hessians: dict, hp: tg.Hyperparameters, budget: int) -> tuple[dict, int, float]:
+    """Every clip sigma times one factor (0.25% steps down), the tightest whose bytes still fit `budget`."""
+    best = None
+    for k in range(1, 80):
+        quantized = tg.quantize_state(model, hessians, tg.scaled_clips(hp, 1 - 0.0025 * k))
+        size = len(tg.serialize_artifact(quantized, hp))
+        if size > budget:
+            break
+        best = (quantized, size, 1 - 0.0025 * k)
+    return best
+
+
+def measure(saved: Path) -> None:
+    hp, rt, _, val = setup()
+    data = torch.load(saved)
+    model = tg.GPT(hp, rt.attn_backend, rt.activation_dtype)
+    model.load_state_dict(data["state"])
+    hessians = data["hessians"]
+    base = tg.quantize_state(model, hessians, hp)
+    print(json.dumps(dict(kind="gptq", bpb=round(score(base, hp, rt, val), 5))), flush=True)
+    for compressor in ("pergroup", "brotli"):
+        chp = tg.dataclasses.replace(hp, compressor=compressor, budget_margin_bytes=0, budget_fill=True)
+        t0 = time.perf_counter()
+        base_bytes = len(tg.serialize_artifact(base, chp))
+        print(json.dumps(dict(compressor=compressor, base_bytes=base_bytes,
+                              one_compression_s=round(time.perf_counter() - t0, 2))), flush=True)
+        for spare in SPARE_BYTES:
+            fhp = tg.dataclasses.replace(chp, artifact_limit_bytes=base_bytes + spare)
+            t0 = time.perf_counter()
+            filled, blob, report = tg.fit_to_budget(model, base, hessians, fhp, 0, lambda line: print(line, flush=True))
+            seconds = round(time.perf_counter() - t0, 1)
+            print(json.dumps(dict(compressor=compressor, spare=spare, kind="fill", spent=len(blob) - base_bytes,
+                                  bpb=round(score(filled, hp, rt, val), 5), seconds=seconds, tries=report["tries"],
+                                  knobs=report["knobs"])), flush=True)
+            control = uniform_control(model, hessians, chp, len(blob)) if compressor == "pergroup" else None
+            if control:
+                print(json.dumps(dict(compressor=compressor, spare=spare, kind="uniform", factor=round(control[2], 3),
+                                      spent=control[1] - base_bytes, bpb=round(score(control[0], hp, rt, val), 5))),
+                      flush=True)
+
+
+if __name__ == "__main__":
+    {"train": train, "measure": measure}[sys.argv[1]](Path(sys.argv[2]))
