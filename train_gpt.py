@@ -162,7 +162,8 @@ class Hyperparameters:
                                                "length L while the training fraction is <= F (empty: TRAIN_SEQ_LEN)")
     val_loss_every: int = knob(4000, "validate every N steps (0 = only at the end)")
     val_batch_tokens: int = knob(524288, "validation tokens per forward, summed over ranks and accumulation")
-    eval_seq_len: int = knob(2048, "evaluation sequence length")
+    eval_seq_len: int = knob(2560, "evaluation sequence length (validation, sliding windows, TTT); past "
+                                   "TRAIN_SEQ_LEN the rotary angles extrapolate, unscaled, as in the records")
     train_log_every: int = knob(500, "log train loss every N steps (and the first 5)")
     # optimizers
     matrix_lr: float = knob(0.028, "Muon LR for block matrices")
@@ -1360,6 +1361,12 @@ class GPT(nn.Module):
             self.softcap_pos = nn.Parameter(torch.tensor(float(hp.logit_softcap)))
             self.softcap_neg = nn.Parameter(torch.tensor(float(hp.logit_softcap)))
         rope_dims = hp.rope_dims or hp.model_dim // hp.num_heads
+        # One table for the longest sequence any path runs. Positions past TRAIN_SEQ_LEN (EVAL_SEQ_LEN 2560 after
+        # training at 2048, as #1953/#2135) get the same frequencies, extrapolated, with no YaRN/NTK rescaling:
+        # only ROPE_DIMS of each head rotate, q and k are RMS-normed, and at the defaults (16 dims, base 1e4)
+        # the slowest pair turns 0.65 rad over 2048 tokens and 0.81 over 2560, far from the full turn that would
+        # alias a long distance with a short one. The tables are derived, not stored in the artifact, so any
+        # EVAL_SEQ_LEN can score it. Whether 2560 beats 2048 here is a GPU measurement (not made yet).
         cos, sin = rotary_tables(rope_dims, hp.rope_base, max(hp.train_seq_len, hp.eval_seq_len))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -2874,6 +2881,8 @@ def ngram_hints(tokens: np.ndarray, order: int, threshold: float) -> np.ndarray:
     starts, first = contexts_sorted(tokens, context)
     group = np.cumsum(first) - 1
     repeated = np.bincount(group)[group] > 1  # a context seen once never gives a hint nor receives one
+    if not repeated.any():  # e.g. random tokens: no context comes back, so there is nothing to count
+        return hints
     targets, group, first = starts[repeated] + context, group[repeated], first[repeated]
     following = tokens[targets].astype(np.int64)
     counts = running_pair_counts(group, following)
