@@ -236,3 +236,32 @@ def test_bench_tool_times_hints_on_shifted_copies(tiny_data, capsys):
 def test_tilt_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.check_config(tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()}), 1)
+
+
+def test_a_stream_without_a_repeated_context_gets_no_hints():
+    tokens = np.random.default_rng(0).integers(0, 8192, size=5000).astype(np.uint16)  # no 15-token context repeats
+    assert (tg.ngram_hints(tokens, 16, 0.8) == -1).all()
+    assert (tg.ngram_hints(tokens[:3], 2, 0.8) == -1).all()
+
+
+def test_every_scored_position_of_the_eval_has_a_tilted_distribution_that_sums_to_one(tiny_data, monkeypatch):
+    hp, model, val = eval_setup(tiny_data)
+    val = tg.Validation(np.tile(val.tokens[:300], 3)[:833], val.bytes)  # repeats, so many positions are hinted
+    tilt = tilt_for(val, 2.625)
+    seen, real = [], tg.tilted_nll
+
+    def recording(nll, logits, targets, hints, boost):  # the eval's own call: its logits, hints and boost
+        seen.append((logits.detach().double(), hints.clone(), boost))
+        return real(nll, logits, targets, hints, boost)
+    monkeypatch.setattr(tg, "tilted_nll", recording)
+    tg.score_first_eval(model, val, hp, CPU, epochs=0, tilt=tilt)
+    hinted = 0
+    for logits, hints, boost in seen:
+        total = torch.zeros(len(hints), dtype=torch.float64)
+        for v in range(logits.size(1)):  # score every vocabulary entry as the target with the function the eval used
+            target = torch.full((len(hints),), v)
+            nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+            total += torch.exp(-real(nll, logits, target, hints, boost))
+        assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+        hinted += int((hints >= 0).sum())
+    assert hinted > 200 and sum(len(h) for _, h, _ in seen) > 2000

@@ -37,7 +37,9 @@ LIMIT_SECONDS = 600.0
 LIMIT_BYTES = 16_000_000
 MIN_IMPROVEMENT_NATS = 0.005
 SIGNIFICANCE_LEVEL = 0.01
-EVAL_PHASES = ("post_quant_eval_ms", "sliding_eval_ms", "ttt_eval_ms")
+# train_gpt.py's SCORED_EVAL_PHASES (for logs without their own verdict; a phase a run did not log counts 0)
+EVAL_PHASES = ("artifact_load_ms", "post_quant_eval_ms", "ngram_hint_ms", "sliding_eval_ms", "ttt_reload_ms",
+               "ttt_eval_ms")
 # Checks the record track needs passed outright: a run that did not record one is refused as if it failed.
 REQUIRED_CHECKS = ("no_train_val_overlap",)
 
