@@ -1,6 +1,7 @@
 """Phased per-document LoRA TTT (TTT_MODE=phased): documents, batches, rank assignment, the adapters inside
 the model's forward, and its legality: every target scored once, nothing trained on before it is scored."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_adaptation_changes_the_score():
     (dict(TTT_MASK="k,x"), "TTT_MASK"),
     (dict(TTT_MASK="k,k"), "TTT_MASK"),
     (dict(TTT_MASK=" , "), "TTT_MASK"),
-    (dict(TTT_EVAL_SEQ_LEN=65), "TTT_EVAL_SEQ_LEN"),
+    (dict(TTT_EVAL_SEQ_LEN=65), "rotary"),
     (dict(TTT_CHUNK_SIZE=65), "TTT_EVAL_SEQ_LEN"),
     (dict(TTT_CHUNK_SIZE=0), "TTT_CHUNK_SIZE"),
     (dict(TTT_LORA_RANK=0), "TTT_LORA_RANK"),
@@ -246,7 +247,56 @@ def test_phased_knobs_are_checked(env, message):
         tg.check_config(hparams(**{**ENV, **env}), 1)
 
 
+def test_the_phased_context_must_fit_the_rotary_table_only_when_phased_ttt_runs():
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_ENABLED": 0}), 1)
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_MODE": "full"}), 1)
+
+
 def test_phased_ttt_needs_no_sliding_window_but_full_ttt_does():
     tg.check_config(hparams(**{**ENV, "SLIDING_WINDOW_ENABLED": 0}), 1)
     with pytest.raises(tg.ConfigError, match="TTT_ENABLED"):
         tg.check_config(hparams(**{**ENV, "SLIDING_WINDOW_ENABLED": 0, "TTT_MODE": "full"}), 1)
+
+
+# --- two ranks (gloo, in-process workers) ----------------------------------------------------------
+
+
+def two_rank_worker(rank: int, init_file: str, out_dir: str, overrides: dict) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        hp, model, val = setup(**overrides)
+        rt = dataclasses.replace(CPU, rank=rank, world_size=2, distributed=True)
+        events = []
+        score = phased(model, val, hp, lambda kind, positions: events.append((kind, list(positions))), rt=rt)
+        torch.save(dict(score=score, events=events, params=[p.detach() for p in model.parameters()]),
+                   f"{out_dir}/{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_two_ranks(tmp_path, **overrides) -> list[dict]:
+    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), overrides), nprocs=2)
+    return [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_documents_and_the_global_phase(tmp_path):
+    ranks = run_two_ranks(tmp_path)
+    scored = [[p for kind, ps in r["events"] if kind == "score" for p in ps] for r in ranks]
+    _, _, val = setup()
+    assert sorted(scored[0] + scored[1]) == list(range(1, len(val.tokens)))  # each target by exactly one rank
+    assert scored[0] and scored[1]
+    assert ranks[0]["score"] == ranks[1]["score"]
+    # the global phases train both ranks' copies with the summed gradient: the base weights stay identical
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    hp, model, _ = setup()
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["params"], model.parameters()))
+
+
+@pytest.mark.slow
+def test_two_ranks_at_zero_learning_rates_score_as_one(tmp_path):
+    zero = dict(TTT_LORA_LR=0, GLOBAL_TTT_LR=0)
+    hp, model, val = setup(**zero)
+    one = phased(model, val, hp)
+    assert run_two_ranks(tmp_path, **zero)[0]["score"] == pytest.approx(one, rel=1e-9)

@@ -460,9 +460,10 @@ def check_phased_ttt_config(hp: Hyperparameters) -> None:
     need(hp, hp.ttt_mode in TTT_MODES, "TTT_MODE", f"must be one of {', '.join(TTT_MODES)}")
     for name in ("TTT_BATCH_SIZE", "TTT_CHUNK_SIZE", "TTT_LORA_RANK", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_CHUNK_TOKENS"):
         need(hp, getattr(hp, name.lower()) > 0, name, "must be positive")
+    need(hp, hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN", f"must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size}")
     rotary = max(hp.train_seq_len, hp.eval_seq_len)
-    need(hp, hp.ttt_chunk_size <= hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
-         f"must be in TTT_CHUNK_SIZE={hp.ttt_chunk_size}..{rotary} (the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN))")
+    need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
+         f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
     need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
     sites = ttt_sites(hp)
     need(hp, bool(sites) and set(sites) <= set(LORA_SITES) and len(set(sites)) == len(sites), "TTT_MASK",
