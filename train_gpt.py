@@ -3324,9 +3324,9 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
     for index in range(-(-int(lengths.max()) // hp.ttt_chunk_size)):
         chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len)
         x, y, positions, scored, weight = (torch.from_numpy(a).to(rt.device) for a in dataclasses.astuple(chunk))
-        with model.adapted(lora), autocast(rt):
+        with model.adapted(lora), autocast(rt), torch.set_grad_enabled(bool(chunk.weight.any())):
             logits = logits_fn(x)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         sums += masked_score(nll.detach(), logits.detach(), x, y, scored, positions, counts, tilt)
         if observer is not None:
             observer("score", (positions[scored] + 1).tolist())
