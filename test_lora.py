@@ -2,14 +2,17 @@
 the model's forward, and its legality: every target scored once, nothing trained on before it is scored."""
 
 import dataclasses
+import json
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, hparams, randomize
+from conftest import CPU, E2E, SCRIPT, hparams, randomize, run_script
 
 VOCAB = 64
 ENV = dict(VOCAB_SIZE=VOCAB, NUM_LAYERS=3, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=4, XSA_LAST_N=3,
@@ -300,3 +303,17 @@ def test_two_ranks_at_zero_learning_rates_score_as_one(tmp_path):
     hp, model, val = setup(**zero)
     one = phased(model, val, hp)
     assert run_two_ranks(tmp_path, **zero)[0]["score"] == pytest.approx(one, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_end_to_end_run_logs_the_phased_score_and_counts_its_time(tiny_data, tmp_path):
+    env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="phased", ITERATIONS=10, MAX_WALLCLOCK_SECONDS=0,
+               GPTQ_RESERVE_SECONDS=0, GPTQ_CALIBRATION_BATCHES=2, SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=1,
+               TTT_MODE="phased", TTT_EVAL_SEQ_LEN=64, TTT_CHUNK_SIZE=16, TTT_BATCH_SIZE=16, TTT_LORA_RANK=8,
+               PHASED_TTT_PREFIX_DOCS=40)
+    result = run_script([sys.executable, str(SCRIPT)], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "phased_ttt: global phase 1: SGD on the first 40 documents" in result.stdout
+    assert re.search(r"quantized_phased_ttt val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms", result.stdout)
+    metrics = json.loads((tmp_path / "logs" / "phased.json").read_text())["metrics"]
+    assert math.isfinite(metrics["ttt_val_bpb"]) and metrics["ttt_eval_ms"] > 0
