@@ -63,6 +63,8 @@ SUBMISSION_LIMIT_BYTES = 16_000_000  # code + compressed model
 COMPRESSORS = ("brotli", "lzma", "pergroup")  # artifact coders (see the quantization & artifact section)
 FIT_METHODS = ("clip", "prune")  # how the budget fitter shrinks an artifact (same section)
 COMPRESSOR_PACKAGES = {"pergroup": "constriction"}  # coders that need an optional pip package
+TTT_MODES = ("full", "phased")  # what TTT_ENABLED runs (see the evaluation section)
+LORA_SITES = ("q", "k", "v", "o", "mlp", "head")  # where TTT_MASK may attach adapters (see BatchedLora)
 
 
 def pip_package_missing(package: str) -> Optional[str]:
@@ -222,6 +224,29 @@ class Hyperparameters:
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored first, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
+    ttt_mode: str = knob("full", "what TTT_ENABLED runs: full (SGD of all weights on sliding-window chunks: TTT_LR, "
+                                 "TTT_EPOCHS, TTT_CHUNK_TOKENS) or phased (per-document LoRA adapters and global SGD "
+                                 "phases: the TTT_LORA_*, PHASED_TTT_* and GLOBAL_TTT_* knobs)")
+    ttt_batch_size: int = knob(64, "phased TTT: documents per batch, one per row, batched by length")
+    ttt_chunk_size: int = knob(48, "phased TTT: a document's targets are scored, then trained on, this many at a time")
+    ttt_eval_seq_len: int = knob(2560, "phased TTT: context of a chunk, the document's tokens ending at the chunk's "
+                                       "end; also the row length of the global SGD phases")
+    ttt_lora_rank: int = knob(80, "phased TTT: rank r of each per-document adapter")
+    ttt_lora_alpha: float = knob(144.0, "phased TTT: adapter output scale alpha/r")
+    ttt_mask: str = knob("k,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o (attention "
+                                         "input to output), mlp (normalized MLP input to its output), head (logits); "
+                                         "one adapter per virtual layer")
+    ttt_lora_lr: float = knob(8e-5, "phased TTT: AdamW LR of the adapters")
+    ttt_beta1: float = knob(0.0, "phased TTT: AdamW beta1 of the adapters")
+    ttt_beta2: float = knob(0.99, "phased TTT: AdamW beta2 of the adapters")
+    ttt_weight_decay: float = knob(2.0, "phased TTT: AdamW decoupled weight decay of the adapters")
+    phased_ttt_prefix_docs: int = knob(2500, "phased TTT: the base weights train on the first this many scored "
+                                             "documents (0 = never)")
+    phased_ttt_num_phases: int = knob(1, "phased TTT: global SGD phases, on cumulative prefixes of "
+                                         "PHASED_TTT_PREFIX_DOCS·k/N documents")
+    global_ttt_lr: float = knob(1e-3, "phased TTT: SGD LR of the global phases (cosine-decayed across steps)")
+    global_ttt_momentum: float = knob(0.9, "phased TTT: SGD momentum of the global phases")
+    global_ttt_chunk_tokens: int = knob(32768, "phased TTT: targets per global SGD step (all ranks together)")
     ngram_tilt: bool = knob(False, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
                                    "already-scored validation prefix predicts, then renormalize")
     ngram_tilt_order: int = knob(16, "n-gram order of the tilt: the hint's context is the previous ORDER-1 tokens")
@@ -429,7 +454,7 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
     need(hp, hp.ttt_epochs >= 0, "TTT_EPOCHS", "must be >= 0")
     need(hp, hp.ttt_chunk_tokens > 0, "TTT_CHUNK_TOKENS", "must be positive")
     need(hp, hp.ttt_lr >= 0 and hp.ttt_grad_clip >= 0, "TTT_LR", "TTT_LR and TTT_GRAD_CLIP must be >= 0")
-    need(hp, not hp.ttt_enabled or hp.sliding_window_enabled, "TTT_ENABLED",
+    need(hp, not hp.ttt_enabled or hp.ttt_mode != "full" or hp.sliding_window_enabled, "TTT_ENABLED",
          "score-first TTT scores with sliding windows: set SLIDING_WINDOW_ENABLED=1")
     need(hp, hp.ngram_tilt_order >= 2, "NGRAM_TILT_ORDER", "must be >= 2 (a context of at least one token)")
     need(hp, math.isfinite(hp.ngram_tilt_boost) and hp.ngram_tilt_boost >= 0, "NGRAM_TILT_BOOST",
@@ -437,6 +462,29 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
     need(hp, 0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
     need(hp, not hp.ngram_tilt or hp.sliding_window_enabled, "NGRAM_TILT",
          "the tilt applies to sliding-window (and TTT) scores: set SLIDING_WINDOW_ENABLED=1")
+    check_phased_ttt_config(hp)
+
+
+def ttt_sites(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(site.strip() for site in hp.ttt_mask.split(",") if site.strip())
+
+
+def check_phased_ttt_config(hp: Hyperparameters) -> None:
+    need(hp, hp.ttt_mode in TTT_MODES, "TTT_MODE", f"must be one of {', '.join(TTT_MODES)}")
+    for name in ("TTT_BATCH_SIZE", "TTT_CHUNK_SIZE", "TTT_LORA_RANK", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_CHUNK_TOKENS"):
+        need(hp, getattr(hp, name.lower()) > 0, name, "must be positive")
+    need(hp, hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN", f"must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size}")
+    rotary = max(hp.train_seq_len, hp.eval_seq_len)
+    need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
+         f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
+    need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
+    sites = ttt_sites(hp)
+    need(hp, bool(sites) and set(sites) <= set(LORA_SITES) and len(set(sites)) == len(sites), "TTT_MASK",
+         f"must be distinct comma-separated sites from {','.join(LORA_SITES)}")
+    for name in ("TTT_LORA_LR", "TTT_WEIGHT_DECAY", "GLOBAL_TTT_LR", "PHASED_TTT_PREFIX_DOCS"):
+        need(hp, getattr(hp, name.lower()) >= 0, name, "must be >= 0")
+    for name in ("TTT_BETA1", "TTT_BETA2", "GLOBAL_TTT_MOMENTUM"):
+        need(hp, 0.0 <= getattr(hp, name.lower()) < 1.0, name, "must be in [0, 1)")
 
 
 def micro_batch_seqs(global_tokens: int, seq_len: int) -> int:
@@ -1302,6 +1350,53 @@ def sparse_attn_gate(y: Tensor, x: Tensor, weight: Tensor, scale: float) -> Tens
     return y * gate.unsqueeze(-1).to(y.dtype)
 
 
+# --- Per-document LoRA adapters (TTT_MODE=phased; the evaluation section builds and trains them) ---
+# In phased TTT each row of a batch is one document with adapters of its own. They act inside the one
+# model code path: `with model.adapted(lora):` makes the model's ActiveAdapters (one object, shared by
+# every block) hold them, the model tells it which slot (virtual layer) runs, and each adaptable site
+# adds `adapters.add(site, y, x)`: y itself when no adapters are active or the site is not adapted, so
+# training and every other forward are unchanged. Sites: q, k, v add to the projections of attention's
+# normed input; o is a bypass from that input to attention's output, mlp one from the normalized MLP
+# input to the MLP branch (both before the branch scale), head adds to the logits before the soft cap.
+
+
+class BatchedLora(nn.Module):
+    """Δ(x) = (alpha/rank)·(x Aᵀ)Bᵀ with its own A (rank, in) and B (out, rank) per document and per slot.
+
+    `shapes[site] = (slots, in, out)`: A (slots, docs, rank, in) ~ U(±1/√in), B (slots, docs, out, rank) = 0,
+    so a fresh set changes nothing. x (docs, T, in) -> (docs, T, out).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], docs: int, rank: int, alpha: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.scale = alpha / rank
+        self.a = nn.ParameterDict({site: nn.Parameter(torch.empty(n, docs, rank, i)) for site, (n, i, _) in shapes.items()})
+        self.b = nn.ParameterDict({site: nn.Parameter(torch.zeros(n, docs, o, rank)) for site, (n, _, o) in shapes.items()})
+        with torch.no_grad():
+            for a in self.a.values():
+                bound = 1.0 / math.sqrt(a.size(-1))
+                a.copy_(torch.rand(a.shape, generator=generator) * (2 * bound) - bound)
+
+    def delta(self, site: str, slot: int, x: Tensor) -> Tensor:
+        a, b = self.a[site][slot].to(x.dtype), self.b[site][slot].to(x.dtype)
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * self.scale
+
+
+class ActiveAdapters:
+    """The adapters the forward adds (None: none) and the slot of the virtual layer running."""
+
+    def __init__(self):
+        self.lora: Optional[BatchedLora] = None
+        self.slot = 0
+
+    def add(self, site: str, y: Tensor, x: Tensor) -> Tensor:
+        """y + Δ(x) of the active adapters at `site` (reshaped to y's shape; the head has one slot), else y."""
+        if self.lora is None or site not in self.lora.a:
+            return y
+        return y + self.lora.delta(site, 0 if site == "head" else self.slot, x).view_as(y)
+
+
 class Attention(nn.Module):
     """Causal GQA attention with QK-norm, partial rotary, per-head query gain, optional XSA and
     SparseAttnGate. Its parameters, the gate's `attn_gate_w` included, belong to the physical layer:
@@ -1322,12 +1417,14 @@ class Attention(nn.Module):
         gated = hp.sparse_attn_gate_enabled
         self.attn_gate_w = nn.Parameter(torch.zeros(hp.num_heads, hp.gate_window)) if gated else None
         self.gate_scale = hp.sparse_attn_gate_scale
+        self.adapters = ActiveAdapters()  # the model's shared one replaces it
 
     def forward(self, x: Tensor, layout: AttentionLayout) -> Tensor:
         b, t, _ = x.shape
         q = self.c_q(x).view(b, t, self.num_heads, self.head_dim)
         k = self.c_k(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.adapters.add("q", q, x), self.adapters.add("k", k, x), self.adapters.add("v", v, x)
         q = apply_rotary(rms_norm(q), layout.cos, layout.sin)
         k = apply_rotary(rms_norm(k), layout.cos, layout.sin)
         q = q * self.q_gain.to(q.dtype)[:, None]
@@ -1336,7 +1433,7 @@ class Attention(nn.Module):
             y = remove_self_value(y, v)
         if self.attn_gate_w is not None:
             y = sparse_attn_gate(y, x, self.attn_gate_w, self.gate_scale)
-        return self.proj(y.reshape(b, t, -1))
+        return self.adapters.add("o", self.proj(y.reshape(b, t, -1)), x)
 
 
 class MLP(nn.Module):
@@ -1369,6 +1466,7 @@ class Block(nn.Module):
         self.norm_factor = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
         self.parallel = 0 <= hp.parallel_residual_start <= layer
         self.output_ln = hp.output_ln
+        self.adapters = self.attn.adapters
 
     def mlp_branch(self, x: Tensor) -> Tensor:
         if self.output_ln:
@@ -1379,7 +1477,7 @@ class Block(nn.Module):
         return self.attn(rms_norm(x) * self.norm_factor, layout) * branch_scale(self.attn_scale, gain, x.dtype)
 
     def mlp_output(self, x: Tensor, gain: Optional[Tensor]) -> Tensor:
-        return self.mlp_branch(x) * branch_scale(self.mlp_scale, gain, x.dtype)
+        return self.adapters.add("mlp", self.mlp_branch(x), rms_norm(x)) * branch_scale(self.mlp_scale, gain, x.dtype)
 
     def forward(self, x: Tensor, layout: AttentionLayout, attn_gain: Optional[Tensor],
                 mlp_gain: Optional[Tensor]) -> Tensor:
@@ -1457,6 +1555,9 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_lanes(hp)
+        self.adapters = ActiveAdapters()  # per-document adapters, see `adapted`
+        for block in self.blocks:
+            block.adapters = block.attn.adapters = self.adapters
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -1483,6 +1584,15 @@ class GPT(nn.Module):
         finally:
             self.loops = previous
 
+    @contextlib.contextmanager
+    def adapted(self, lora: BatchedLora):
+        """Add the per-document adapters `lora` in the forwards inside this block (row i: document i)."""
+        previous, self.adapters.lora = self.adapters.lora, lora
+        try:
+            yield self
+        finally:
+            self.adapters.lora = previous
+
     def stream_mix(self, x: Tensor, x0: Tensor, layer: int, slot: int) -> Tensor:
         if self.hp.birkhoff_mix:
             if slot not in self.mix_row:
@@ -1502,6 +1612,7 @@ class GPT(nn.Module):
         return attn.clamp(-cap, cap), mlp.clamp(-cap, cap)
 
     def run_layer(self, x: Tensor, x0: Tensor, layer: int, slot: int, layout: AttentionLayout) -> Tensor:
+        self.adapters.slot = slot
         return self.blocks[layer](self.stream_mix(x, x0, layer, slot), layout, *self.step_gains(slot))
 
     def merge_skip(self, index: int, x: Tensor, skip: Tensor) -> Tensor:
@@ -1527,6 +1638,7 @@ class GPT(nn.Module):
         each output, with its timestep scale, is written into both lanes through learned scalars. The mix only
         feeds attention: lane 0 itself carries on unmixed, as in the records."""
         block, row = self.blocks[layer], layer - self.lane_start
+        self.adapters.slot = slot
         attn_gain, mlp_gain = self.step_gains(slot)
         a = block.attn_output(self.stream_mix(lane0, x0, layer, slot), layout, attn_gain)
         m = block.mlp_output(lane1, mlp_gain)
@@ -1580,7 +1692,7 @@ class GPT(nn.Module):
     def head_logits(self, h: Tensor) -> Tensor:
         """Soft-capped fp32 logits of final hidden states: the one head every loss and score goes through."""
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        z = F.linear(h, weight.to(h.dtype)).float()
+        z = self.adapters.add("head", F.linear(h, weight.to(h.dtype)).float(), h)
         if self.hp.asym_logit_rescale:
             return asymmetric_softcap(z, self.softcap_pos, self.softcap_neg)
         cap = self.hp.logit_softcap
@@ -3213,6 +3325,17 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[Window]
         start += stride
 
 
+def masked_score(nll: Tensor, logits: Tensor, x: Tensor, y: Tensor, mask: Tensor, positions: Tensor,
+                 counts: ByteCounts, tilt: Optional[NgramTilt]) -> Tensor:
+    """[nll, tokens, bytes] summed over the positions in `mask` (rows x (B, T), targets y, positions: index of each
+    input token in the stream), each NLL under the n-gram tilt when `tilt` is given."""
+    if tilt is not None:
+        hints = torch.where(mask, tilt.hints[positions + 1], -1)
+        nll = tilted_nll(nll.flatten(), logits.flatten(0, 1), y.flatten(), hints.flatten(), tilt.boost).view_as(y)
+    return torch.stack((nll[mask].double().sum(), mask.sum().double(),
+                        counts.count(x[mask], y[mask], positions[mask]).sum()))
+
+
 def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: int, seq_len: int,
                   counts: ByteCounts, rt: Runtime, tilt: Optional[NgramTilt] = None) -> Tensor:
     """Sums [nll, tokens, bytes] over the scored positions of `windows` (batches padded to a fixed shape),
@@ -3233,12 +3356,7 @@ def score_windows(logits_fn, tokens: np.ndarray, windows: list[Window], batch: i
         with torch.no_grad(), autocast(rt):
             logits = logits_fn(x)
         nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
-        if tilt is not None:
-            hints = torch.where(mask, tilt.hints[positions + 1], -1)
-            nll = tilted_nll(nll.flatten(), logits.flatten(0, 1), y.flatten(), hints.flatten(), tilt.boost).view_as(y)
-        sums[0] += nll[mask].double().sum()
-        sums[1] += mask.sum()
-        sums[2] += counts.count(x[mask], y[mask], positions[mask]).sum()
+        sums += masked_score(nll, logits, x, y, mask, positions, counts, tilt)
     return sums
 
 
@@ -3251,6 +3369,28 @@ def ttt_chunk_starts(chunk: int, num_targets: int, hp: Hyperparameters) -> list[
     chunk_start = chunk * hp.ttt_chunk_tokens
     chunk_end = min(chunk_start + hp.ttt_chunk_tokens, num_targets)
     return list(range(chunk_start, chunk_end - hp.eval_seq_len + 1, hp.eval_seq_len))
+
+
+def cosine_lr(base: float, step: int, steps: int) -> float:
+    """base decayed to 0 along a half cosine over `steps` steps (0 at the last)."""
+    return base * 0.5 * (1.0 + math.cos(math.pi * step / max(steps - 1, 1)))
+
+
+def reduce_clip_step(model: nn.Module, optimizer, clip: float, rt: Runtime) -> None:
+    """Sum the ranks' gradients (a parameter without one counts as zero), clip their norm, step."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    if rt.distributed:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    if clip > 0:
+        nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    optimizer.step()
 
 
 def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtime, epochs: int,
@@ -3286,9 +3426,8 @@ def score_first_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runti
             observer("score", [w.start + 1 + p for w in mine for p in range(w.first, w.length)])
         if optimizer is None or c == num_chunks - 1:
             continue
-        lr = hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine_lr(hp.ttt_lr, c, num_chunks)
         starts = ttt_chunk_starts(c, num_targets, hp)
         model.train()
         for _ in range(epochs):
@@ -3319,19 +3458,233 @@ def ttt_step(train_fn, model: GPT, optimizer, tokens: np.ndarray, starts: list[i
         (loss * (len(starts) * seq_len / global_tokens)).backward()
         if observer is not None:
             observer("train", [s + 1 + p for s in starts for p in range(seq_len)])
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    reduce_clip_step(model, optimizer, hp.ttt_grad_clip, rt)
+
+
+
+# --- Phased per-document LoRA TTT (TTT_ENABLED=1 TTT_MODE=phased) ---------------------------------
+# Documents: each BOS up to the next BOS inclusive, so a document's last target is the BOS that ends it
+# and every target of the stream belongs to exactly one document. Sorted by length, documents form
+# batches of TTT_BATCH_SIZE, longest batch first: one document per row, positions from 0 at the row's
+# window start, right-padded (padding is never scored). Each document gets fresh adapter outputs (B = 0;
+# A is kept from the rank's previous batch, a warm start) and is scored TTT_CHUNK_SIZE targets at a time,
+# each chunk with the TTT_EVAL_SEQ_LEN tokens of its document that end at the chunk's end; only after a
+# chunk is scored do the adapters take one AdamW step on it, and a document's last chunk is never trained on.
+# Phases: the first PHASED_TTT_PREFIX_DOCS documents of the processing order, cut into PHASED_TTT_NUM_PHASES
+# cumulative prefixes. When every batch holding a prefix's documents has been scored (all ranks), the base
+# weights train with SGD on that prefix, the adapters are rebuilt, and scoring goes on. Ranks split each
+# phase's batches statically, balanced by estimated cost (no shared file system, no counter).
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    starts: np.ndarray  # stream index of each document's first token
+    lengths: np.ndarray  # its targets: tokens[start + 1 : start + length + 1]
+
+
+def val_documents(tokens: np.ndarray) -> Documents:
+    starts = document_starts(tokens).astype(np.int64)
+    lengths = np.append(starts[1:], len(tokens) - 1) - starts
+    keep = lengths > 0  # a BOS that ends the stream starts no document
+    return Documents(starts[keep], lengths[keep])
+
+
+def ttt_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Document indices sorted by length (ties in stream order), cut into batches, longest batch first."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][::-1]
+
+
+def batch_cost(lengths: np.ndarray, chunk: int, context: int) -> int:
+    """Padded tokens the batch's forwards process: rows x the window width of each chunk."""
+    ends = np.minimum(np.arange(1, -(-int(lengths.max()) // chunk) + 1) * chunk, lengths.max())
+    return len(lengths) * int(np.minimum(ends, context).sum())
+
+
+def assign_batches(costs: list[int], world_size: int) -> list[list[int]]:
+    """Each batch to exactly one rank: costliest first, each to the least loaded rank (longest processing time
+    first), the same on every rank. Each rank's list is in batch order."""
+    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = loads.index(min(loads))
+        loads[rank] += costs[i]
+        shares[rank].append(i)
+    return [sorted(share) for share in shares]
+
+
+def phase_ends(batches: list[np.ndarray], prefix_docs: int, num_phases: int) -> list[tuple[int, int]]:
+    """(batches to score before the phase, documents of its prefix) per global phase. A phase that would
+    come after the last batch is dropped: nothing would be left to score with its weights."""
+    done = np.cumsum([len(b) for b in batches])
+    phases = []
+    for k in range(num_phases):
+        docs = min(prefix_docs * (k + 1) // num_phases, int(done[-1]))
+        end = int(np.searchsorted(done, docs)) + 1
+        if docs > 0 and end < len(batches) and (not phases or phases[-1][1] < docs):
+            phases.append((end, docs))
+    return phases
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRows:
+    """One chunk of every document of a batch: row r is document r's window (numpy, (docs, width))."""
+    inputs: np.ndarray
+    targets: np.ndarray
+    positions: np.ndarray  # stream index of each input token
+    scored: np.ndarray  # the chunk's targets
+    weight: np.ndarray  # training weight: 1/chunk length on the chunk's targets of documents with a later chunk
+
+
+def chunk_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, index: int, chunk: int,
+               context: int) -> ChunkRows:
+    """Chunk `index` of each document: targets [index·chunk, end) with end = min((index+1)·chunk, length),
+    inputs the `context` tokens of the document ending at `end` (fewer near its start). Rows of documents
+    with no such chunk are padding."""
+    first = index * chunk
+    ends = np.minimum(first + chunk, lengths)
+    win = np.maximum(0, ends - context)
+    live = first < lengths
+    width = int((ends - win)[live].max())
+    rows = ChunkRows(*(np.zeros((len(starts), width), dtype=t) for t in (np.int64, np.int64, np.int64, bool, np.float32)))
+    for r in np.flatnonzero(live):
+        s, n = starts[r] + win[r], ends[r] - win[r]
+        rows.inputs[r, :n] = tokens[s:s + n]
+        rows.targets[r, :n] = tokens[s + 1:s + n + 1]
+        rows.positions[r, :n] = np.arange(s, s + n)
+        rows.scored[r, first - win[r]:n] = True
+        if ends[r] < lengths[r]:
+            rows.weight[r, first - win[r]:n] = 1.0 / (ends[r] - first)
+    return rows
+
+
+def lora_shapes(model: GPT, sites: tuple[str, ...]) -> dict[str, tuple[int, int, int]]:
+    """(slots, in, out) of each adapted site: one slot per virtual layer, one for the head."""
+    hp, slots = model.hp, model.plan.num_slots
+    d, kv = hp.model_dim, hp.num_kv_heads * (hp.model_dim // hp.num_heads)
+    shapes = dict(q=(slots, d, d), k=(slots, d, kv), v=(slots, d, kv), o=(slots, d, d), mlp=(slots, d, d),
+                  head=(1, d, hp.vocab_size))
+    return {site: shapes[site] for site in sites}
+
+
+def fresh_lora(previous: Optional[BatchedLora], model: GPT, docs: int, hp: Hyperparameters, rt: Runtime,
+               generator: torch.Generator) -> BatchedLora:
+    """Adapters for a batch of `docs` documents: the previous set with B zeroed (A warm-started) when it
+    has that many documents, else a new set."""
+    if previous is not None and next(iter(previous.a.values())).size(1) == docs:
+        with torch.no_grad():
+            for b in previous.b.values():
+                b.zero_()
+        return previous
+    lora = BatchedLora(lora_shapes(model, ttt_sites(hp)), docs, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
+    return lora.to(rt.device)
+
+
+def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndarray, docs: Documents,
+                         tokens: np.ndarray, counts: ByteCounts, hp: Hyperparameters, rt: Runtime,
+                         observer=None, tilt: Optional[NgramTilt] = None) -> Tensor:
+    """Score the documents `rows` chunk by chunk, one AdamW step of the adapters after each chunk is scored.
+    Returns [nll, tokens, bytes]. The loss is the sum over documents of their mean NLL on the chunk, so each
+    document's adapters see only their own gradient (AdamW is elementwise)."""
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
+                                  eps=1e-10, weight_decay=hp.ttt_weight_decay, fused=rt.device.type == "cuda")
+    starts, lengths = docs.starts[rows], docs.lengths[rows]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for index in range(-(-int(lengths.max()) // hp.ttt_chunk_size)):
+        chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len)
+        x, y, positions, scored, weight = (torch.from_numpy(a).to(rt.device) for a in dataclasses.astuple(chunk))
+        with model.adapted(lora), autocast(rt), torch.set_grad_enabled(bool(chunk.weight.any())):
+            logits = logits_fn(x)
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+        sums += masked_score(nll.detach(), logits.detach(), x, y, scored, positions, counts, tilt)
+        if observer is not None:
+            observer("score", (positions[scored] + 1).tolist())
+        if not chunk.weight.any():
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        (nll * weight).sum().backward()
+        if observer is not None:
+            observer("train", (positions[weight > 0] + 1).tolist())
+        optimizer.step()
+    return sums
+
+
+def phase_rows(docs: Documents, prefix: np.ndarray, length: int) -> list[tuple[int, int]]:
+    """(first input index, targets) of the rows a global phase trains on: each prefix document cut into
+    `length`-target rows, in processing order."""
+    return [(s, min(length, int(docs.starts[d] + docs.lengths[d]) - s)) for d in prefix
+            for s in range(int(docs.starts[d]), int(docs.starts[d] + docs.lengths[d]), length)]
+
+
+def global_sgd_phase(model: GPT, tokens: np.ndarray, pieces: list[tuple[int, int]], hp: Hyperparameters,
+                     rt: Runtime, observer=None) -> int:
+    """One epoch of SGD of every base weight over `pieces` (all already scored): steps of about
+    GLOBAL_TTT_CHUNK_TOKENS targets, each rank taking a share of a step's rows, LR cosine-decayed across
+    steps, gradients summed over ranks (each rank's loss is its NLL sum over the step's target count) and
+    clipped at TTT_GRAD_CLIP. Returns the number of steps."""
+    bounds = np.cumsum([n for _, n in pieces]) // hp.global_ttt_chunk_tokens
+    steps = [[p for p, b in zip(pieces, bounds) if b == k] for k in np.unique(bounds)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp.global_ttt_lr, momentum=hp.global_ttt_momentum)
+    model.requires_grad_(True)
+    for k, step in enumerate(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(hp.global_ttt_lr, k, len(steps))
+        optimizer.zero_grad(set_to_none=True)
+        mine = my_share(step, rt)
+        if mine:
+            width = max(n for _, n in mine)
+            x = np.zeros((len(mine), width), dtype=np.int64)
+            y = np.full((len(mine), width), -100, dtype=np.int64)  # F.cross_entropy's ignore_index
+            for r, (s, n) in enumerate(mine):
+                x[r, :n], y[r, :n] = tokens[s:s + n], tokens[s + 1:s + n + 1]
+            x, y = torch.from_numpy(x).to(rt.device), torch.from_numpy(y).to(rt.device)
+            with autocast(rt):
+                logits = model.forward_logits(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            (loss / sum(n for _, n in step)).backward()
+            if observer is not None:
+                observer("train", [s + 1 + j for s, n in mine for j in range(n)])
+        reduce_clip_step(model, optimizer, hp.ttt_grad_clip, rt)
+    model.requires_grad_(False)
+    return len(steps)
+
+
+def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtime, log: Callable[[str], None],
+                    observer=None, tilt: Optional[NgramTilt] = None) -> tuple[float, float]:
+    """Phased per-document LoRA TTT (see the comment above Documents); changes the model's weights when
+    GLOBAL_TTT_LR > 0. `observer(kind, positions)` ('score' or 'train', target positions) lets tests check
+    the order; `tilt` tilts the scores only."""
+    docs = val_documents(val.tokens)
+    batches = ttt_batches(docs.lengths, hp.ttt_batch_size)
+    order = np.concatenate(batches)
+    counts = val.bytes.to(rt.device)
+    generator = torch.Generator().manual_seed(hp.seed + rt.rank)
+    logits_fn = torch.compile(model.forward_logits, dynamic=True) if rt.compile else model.forward_logits
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    model.eval()
+    model.requires_grad_(False)
+    begin = 0
+    for phase, (end, prefix) in enumerate([*phase_ends(batches, hp.phased_ttt_prefix_docs, hp.phased_ttt_num_phases),
+                                           (len(batches), 0)]):
+        t0, lora = time.perf_counter(), None
+        segment = batches[begin:end]
+        costs = [batch_cost(docs.lengths[b], hp.ttt_chunk_size, hp.ttt_eval_seq_len) for b in segment]
+        for i in assign_batches(costs, rt.world_size)[rt.rank]:
+            lora = fresh_lora(lora, model, len(segment[i]), hp, rt, generator)
+            sums += score_document_batch(logits_fn, model, lora, segment[i], docs, val.tokens, counts, hp, rt,
+                                         observer, tilt)
+        log(f"phased_ttt: segment {phase + 1}: {sum(map(len, segment))} documents in {len(segment)} batches scored "
+            f"in {1000.0 * (time.perf_counter() - t0):.0f}ms")
+        if prefix:
+            t0 = time.perf_counter()
+            pieces = phase_rows(docs, order[:prefix], hp.ttt_eval_seq_len)
+            steps = global_sgd_phase(model, val.tokens, pieces, hp, rt, observer)
+            log(f"phased_ttt: global phase {phase + 1}: SGD on the first {prefix} documents "
+                f"({sum(n for _, n in pieces)} targets, {steps} steps) in {1000.0 * (time.perf_counter() - t0):.0f}ms")
+        begin = end
+    model.requires_grad_(True)
     if rt.distributed:
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for p, g in zip(model.parameters(), grads):
-        p.grad = g
-    if hp.ttt_grad_clip > 0:
-        nn.utils.clip_grad_norm_(list(model.parameters()), hp.ttt_grad_clip)
-    optimizer.step()
+        dist.all_reduce(sums)
+    return nats_and_bpb(*sums.tolist())
 
 
 def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, int]:
@@ -3446,7 +3799,8 @@ def report_eval_total(log: RunLog, graphs_compiled: int) -> None:
 
 def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyperparameters, rt: Runtime,
                       log: RunLog) -> None:
-    """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT."""
+    """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT (full or
+    phased: its metrics are ttt_*, whichever mode)."""
     warm_up_eval(len(val.tokens), hp, rt, log)
     graphs = compiled_graph_count()
     model = timed_load("artifact_load", path, hp, rt, log)
@@ -3465,8 +3819,11 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyp
         log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
     if hp.ttt_enabled:
         model = timed_load("ttt_reload", path, hp, rt, log)  # TTT changes the weights: start again from the file
-        loss, bpb, ms = timed_eval("quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs, tilt=tilt),
-                                   log, rt)
+        if hp.ttt_mode == "phased":
+            label, score = "quantized_phased_ttt", lambda: phased_ttt_eval(model, val, hp, rt, log, tilt=tilt)
+        else:
+            label, score = "quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs, tilt=tilt)
+        loss, bpb, ms = timed_eval(label, score, log, rt)
         log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
     report_eval_total(log, compiled_graph_count() - graphs)
 
