@@ -155,3 +155,10 @@ def test_a_malformed_correction_entry_is_an_artifact_error():
 def test_correction_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.check_config(hparams(**env), world_size=1)
+
+
+def test_matrices_stored_as_fp16_get_no_corrections():
+    """The head's Hessian is collected even when the embedding is small enough to be stored as fp16."""
+    hp, model, hessians, q = calibrated(MODEL_DIM=64, MLP_MULT=2)  # 512 x 64 embedding, 128 x 64 MLP: all fp16
+    assert "tok_emb.weight" in hessians and "fp16" in q["tok_emb.weight"]
+    assert not any("lqer" in e or "awq" in e for e in q.values())

@@ -2201,7 +2201,7 @@ def awq_lite_groups(weights: dict[str, Tensor], hessians: dict[str, Tensor], hp:
     """
     candidates = []
     for name, h in hessians.items():
-        if quant_settings(name, hp)[0] < hp.awq_lite_bits:
+        if is_quantized(weights[name]) and quant_settings(name, hp)[0] < hp.awq_lite_bits:
             saliency = h.diagonal().float().clamp_min(0).sqrt().cpu() * weights[name].detach().float().abs().mean(dim=0).cpu()
             candidates += [(saliency[start:start + hp.awq_lite_group_size].sum().item(), name, start)
                            for start in range(0, len(saliency), hp.awq_lite_group_size)]
@@ -2301,6 +2301,8 @@ def lqer_candidates(quantized: dict[str, dict], weights: dict[str, Tensor], hess
     """
     out = []
     for name, h in hessians.items():
+        if "codes" not in quantized[name]:  # the head's Hessian exists even when the embedding is small enough for fp16
+            continue
         q = {k: v for k, v in quantized[name].items() if k != "lqer"}
         c = hessian_factor(h)
         error = weights[name].detach().float() - dequantize_entry(q).to(c.device)
@@ -2908,7 +2910,7 @@ def report_sizes(model_bytes: int, code_bytes: int, hp: Hyperparameters, log: Ru
 
 def measure_gptq_reserve(model: GPT, batch: Tensor, hp: Hyperparameters, rt: Runtime) -> dict:
     """The seconds Hessians + GPTQ will take, measured before the clock starts: one calibration batch and
-    one matrix of each shape are timed and scaled to GPTQ_CALIBRATION_BATCHES batches and every matrix
+    one matrix of each shape (GPTQ and its LQER fit) are timed and scaled to GPTQ_CALIBRATION_BATCHES batches and every matrix
     (the first call of each also pays one-time costs, so this errs long). The slowest rank's figure."""
     t0 = time.perf_counter()
     with full_fp32_matmuls(), model.looping(hp.num_loops):
@@ -2922,6 +2924,8 @@ def measure_gptq_reserve(model: GPT, batch: Tensor, hp: Hyperparameters, rt: Run
         for (_, (bits, sigmas)), names in shapes.items():
             t1 = time.perf_counter()
             gptq_quantize(state[names[0]], hessians[names[0]], bits, sigmas)
+            if hp.lqer_enabled:  # every GPTQ matrix's correction is fitted to rank them; W stands in for its error
+                lqer_fit(state[names[0]].float(), hessian_factor(hessians[names[0]]), hp.lqer_rank, hp.lqer_asym_group)
             synchronize(rt.device)
             gptq += (time.perf_counter() - t1) * len(names)
     estimate = torch.tensor([per_batch * hp.gptq_calibration_batches + gptq], dtype=torch.float64, device=rt.device)
