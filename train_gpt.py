@@ -2147,7 +2147,7 @@ def gptq_quantize(w: Tensor, hessian: Optional[Tensor], bits: int, clip_sigmas: 
     spread over the columns not yet quantized through the inverse-Hessian Cholesky factor, in
     blocks of `block_size` columns. Columns whose input is always zero ("dead") are set to 0.
     Without a Hessian this is round-to-nearest. `fine` = (column mask, row scales, bits): those
-    columns get their own, finer codes inside the same solve (AWQ-lite, see awq_lite_columns).
+    columns get their own, finer codes inside the same solve (AWQ-lite, see quantize_matrix).
     """
     w = w.detach().float()
     scale = row_scales(w, bits, clip_sigmas)
@@ -2196,8 +2196,8 @@ def awq_lite_groups(weights: dict[str, Tensor], hessians: dict[str, Tensor], hp:
     """name -> first columns of its AWQ-lite groups: the global top AWQ_LITE_GROUP_TOP_K groups of
     AWQ_LITE_GROUP_SIZE consecutive input columns, by summed saliency RMS(x_c) · mean_r |W_rc|.
 
-    RMS(x_c) = sqrt(H_cc), since the Hessian's diagonal is the calibration pass's mean x_c²; a looped
-    layer's Hessian sums over its passes, which weighs its columns by how often the weight is applied.
+    RMS(x_c) ∝ sqrt(H_cc): every Hessian sums x_c² over the same calibration tokens (per batch), except that
+    a looped layer's sums over its passes, which weighs its columns by how often the weight is applied.
     """
     candidates = []
     for name, h in hessians.items():
