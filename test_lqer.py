@@ -141,8 +141,12 @@ def test_corrupted_and_truncated_artifacts_with_corrections_fail_clearly(compres
         tg.parse_artifact(bytes(flipped), hp)
 
 
-def test_a_malformed_correction_entry_is_an_artifact_error():
-    e = dict(name="w", shape=[4, 8], lqer=dict(rank=2, group=32, a_codes=[0, 3]))  # a span that holds 3 of 8 codes
+@pytest.mark.parametrize("fields", [dict(lqer=dict(rank=2, group=32, a_codes=[0, 3])),  # 3 of the 8 left codes
+                                    dict(lqer=dict(rank=1, group=4, a_codes=[0, 4], a_scale=[0, 2], b_codes=[0, 8],
+                                                   b_scale=[0, 2])),  # 1 scale for 2 groups of the right factor
+                                    dict(awq=dict(starts=[0], size=4, bits=8, scale=[0, 6]))])  # 3 scales for 4 rows
+def test_a_malformed_correction_entry_is_an_artifact_error(fields):
+    e = dict(name="w", shape=[4, 8], **fields)
     with pytest.raises(tg.ArtifactError, match="corrections of w are malformed"):
         tg.read_corrections(e, lambda span: bytes(span[1]))
 

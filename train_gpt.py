@@ -2516,22 +2516,27 @@ def correction_fields(q: dict, add: Callable[[bytes], list[int]]) -> dict:
 
 
 def read_corrections(e: dict, read: Callable[[list[int]], bytes]) -> dict:
-    """Inverse of correction_fields for one header entry."""
+    """Inverse of correction_fields for one header entry; checks that every scale vector has its length."""
     def array(span: list[int], dtype, shape=(-1,), planes: bool = False) -> Tensor:
         data = from_byte_planes(read(span), 2) if planes else read(span)
         return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
 
     out = {}
     try:
+        rows, cols = e["shape"]
         if "awq" in e:
             awq = e["awq"]
             out["awq"] = dict(starts=[int(s) for s in awq["starts"]], size=int(awq["size"]), bits=int(awq["bits"]),
                               scale=array(awq["scale"], np.float16, planes=True))
+            if len(out["awq"]["scale"]) != rows:
+                raise ValueError
         if "lqer" in e:
-            f, (rows, cols) = e["lqer"], e["shape"]
-            out["lqer"] = dict(a_codes=array(f["a_codes"], np.int8, (rows, f["rank"])), a_scale=array(f["a_scale"], np.float16),
-                               group=int(f["group"]), b_codes=array(f["b_codes"], np.int8, (f["rank"], cols)),
+            f, rank, group = e["lqer"], int(e["lqer"]["rank"]), int(e["lqer"]["group"])
+            out["lqer"] = dict(a_codes=array(f["a_codes"], np.int8, (rows, rank)), a_scale=array(f["a_scale"], np.float16),
+                               group=group, b_codes=array(f["b_codes"], np.int8, (rank, cols)),
                                b_scale=array(f["b_scale"], np.float16, planes=True))
+            if group < 1 or len(out["lqer"]["a_scale"]) != 1 or len(out["lqer"]["b_scale"]) != -(-rank * cols // group):
+                raise ValueError
     except (KeyError, TypeError, ValueError):
         raise ArtifactError(f"the corrections of {e.get('name')} are malformed; the file is corrupted") from None
     return out
