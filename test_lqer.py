@@ -113,7 +113,7 @@ def test_lqer_bytes_counts_two_and_four_bit_codes_and_the_scales():
 def test_awq_lite_picks_the_salient_group_and_codes_it_finer():
     torch.manual_seed(0)
     hp = hparams(**SHAPE, AWQ_LITE_ENABLED=1, AWQ_LITE_GROUP_SIZE=32)
-    weights = {"a.weight": torch.randn(96, 128), "b.weight": torch.randn(96, 128)}
+    weights = {"a.weight": torch.randn(600, 128), "b.weight": torch.randn(600, 128)}  # > 65,536 values: GPTQ
     act = torch.ones(128)
     act[64:96] = 4.0  # the inputs of b's columns 64..95 are 4x larger
     hessians = {"a.weight": torch.eye(128), "b.weight": torch.diag(act ** 2)}
