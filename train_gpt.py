@@ -205,6 +205,18 @@ class Hyperparameters:
     embed_bits: int = knob(7, "bits of the embedding")
     embed_clip_sigmas: float = knob(14.0, "embedding: row step = k·std(row)/(2^(bits−1)−1)")
     gated_attn_quant_gate: bool = knob(True, "store the gate tensors (attn_gate_w, smear_gate_w) as int8 rows, step max|row|/127, not fp16")
+    lqer_enabled: bool = knob(True, "after GPTQ, add a low-rank correction of the quantization error to the LQER_TOP_K "
+                                    "matrices where it removes the most Hessian-weighted output error per stored byte; "
+                                    "folded into the weights at load (needs Hessians: GPTQ_CALIBRATION_BATCHES > 0)")
+    lqer_rank: int = knob(4, "rank of each LQER correction: left factor rows × rank int2 (one scale), right factor rank × cols int4")
+    lqer_top_k: int = knob(3, "how many matrices get an LQER correction")
+    lqer_asym_group: int = knob(32, "elements of the flattened int4 right LQER factor per fp16 scale")
+    awq_lite_enabled: bool = knob(False, "AWQ-lite: the most salient input-column groups (activation RMS × mean |weight|, "
+                                         "over all GPTQ matrices) get AWQ_LITE_BITS codes with their own row scales "
+                                         "inside the same GPTQ solve (needs Hessians)")
+    awq_lite_bits: int = knob(8, "bits of the AWQ-lite columns (only matrices with fewer bits are candidates)")
+    awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally")
+    awq_lite_group_size: int = knob(64, "consecutive input columns per AWQ-lite group")
     compressor: str = knob("brotli", "brotli (quality 11), lzma, or pergroup (codes ANS-coded per tensor role; pip package constriction)")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
@@ -432,6 +444,12 @@ def check_artifact_config(hp: Hyperparameters) -> None:
     need(hp, hp.embed_clip_sigmas > 0, "EMBED_CLIP_SIGMAS", "must be positive")
     need(hp, hp.mlp_clip_sigmas > 0, "MLP_CLIP_SIGMAS", "must be positive")
     need(hp, hp.attn_clip_sigmas > 0, "ATTN_CLIP_SIGMAS", "must be positive")
+    need(hp, hp.lqer_rank >= 1, "LQER_RANK", "must be >= 1")
+    need(hp, hp.lqer_top_k >= 0, "LQER_TOP_K", "must be >= 0")
+    need(hp, hp.lqer_asym_group >= 1, "LQER_ASYM_GROUP", "must be >= 1")
+    need(hp, 2 <= hp.awq_lite_bits <= 8, "AWQ_LITE_BITS", "must be in 2..8 (codes are stored as int8)")
+    need(hp, hp.awq_lite_group_top_k >= 0, "AWQ_LITE_GROUP_TOP_K", "must be >= 0")
+    need(hp, hp.awq_lite_group_size >= 1, "AWQ_LITE_GROUP_SIZE", "must be >= 1")
     need(hp, hp.compressor in COMPRESSORS, "COMPRESSOR", f"must be one of {', '.join(COMPRESSORS)}")
     missing = pip_package_missing(COMPRESSOR_PACKAGES[hp.compressor]) if hp.compressor in COMPRESSOR_PACKAGES else None
     need(hp, missing is None, "COMPRESSOR", f"{hp.compressor} {missing}")
@@ -2317,20 +2335,34 @@ def row_scales(w: Tensor, bits: int, clip_sigmas: float) -> Tensor:
     return (clip_sigmas * w.float().std(dim=1) / qmax).clamp_min(1e-8).half().float()
 
 
+def column_steps(scale: Tensor, bits: int, cols: int, fine: Optional[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """(rows × cols step of every weight, largest code of every column): the row scale everywhere, except in
+    the `fine` columns, which take the finer row scales and wider code range that come with them."""
+    steps = scale[:, None].expand(-1, cols).clone()
+    qmax = torch.full((cols,), 2.0 ** (bits - 1) - 1, device=scale.device)
+    if fine is not None:
+        mask, fine_scale, fine_bits = fine
+        steps[:, mask] = fine_scale.float()[:, None].to(steps.device)
+        qmax[mask] = 2.0 ** (fine_bits - 1) - 1
+    return steps, qmax
+
+
 def gptq_quantize(w: Tensor, hessian: Optional[Tensor], bits: int, clip_sigmas: float,
-                  block_size: int = 128, damping: float = 0.01) -> tuple[Tensor, Tensor]:
+                  block_size: int = 128, damping: float = 0.01, fine: Optional[tuple[Tensor, Tensor, int]] = None,
+                  ) -> tuple[Tensor, Tensor]:
     """Quantize w (rows × cols) to signed `bits`-bit codes with per-row scales.
 
     Columns are visited in order of decreasing Hessian diagonal; each column's rounding error is
     spread over the columns not yet quantized through the inverse-Hessian Cholesky factor, in
     blocks of `block_size` columns. Columns whose input is always zero ("dead") are set to 0.
-    Without a Hessian this is round-to-nearest.
+    Without a Hessian this is round-to-nearest. `fine` = (column mask, row scales, bits): those
+    columns get their own, finer codes inside the same solve (AWQ-lite, see quantize_matrix).
     """
-    qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
     scale = row_scales(w, bits, clip_sigmas)
+    steps, qmax = column_steps(scale, bits, w.shape[1], fine)
     if hessian is None:
-        return torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8), scale.half()
+        return torch.clamp(torch.round(w / steps), -qmax, qmax).to(torch.int8), scale.half()
     rows, cols = w.shape
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
@@ -2339,7 +2371,7 @@ def gptq_quantize(w: Tensor, hessian: Optional[Tensor], bits: int, clip_sigmas: 
     order = torch.argsort(h.diagonal(), descending=True)
     work = w.clone()
     work[:, dead] = 0.0
-    work, h = work[:, order], h[order][:, order]
+    work, h, steps, qmax = work[:, order], h[order][:, order], steps[:, order], qmax[order]
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
     for start in range(0, cols, block_size):
@@ -2347,9 +2379,9 @@ def gptq_quantize(w: Tensor, hessian: Optional[Tensor], bits: int, clip_sigmas: 
         block = work[:, start:end].clone()
         errors = torch.zeros_like(block)
         for j in range(end - start):
-            q = torch.clamp(torch.round(block[:, j] / scale), -qmax, qmax)
+            q = torch.clamp(torch.round(block[:, j] / steps[:, start + j]), -qmax[start + j], qmax[start + j])
             codes[:, start + j] = q.to(torch.int8)
-            err = (block[:, j] - q * scale) / u[start + j, start + j]
+            err = (block[:, j] - q * steps[:, start + j]) / u[start + j, start + j]
             block[:, j:] -= err[:, None] * u[start + j, start + j:end][None, :]
             errors[:, j] = err
         work[:, end:] -= errors @ u[start:end, end:]
@@ -2360,28 +2392,174 @@ def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.float() * scale.float()[:, None]
 
 
-def quantize_matrix(name: str, t: Tensor, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict:
-    """GPTQ with the tensor's bits and clip: {'codes', 'scale', 'bits'}, on the CPU."""
+# --- AWQ-lite and LQER (issue 14): two corrections of GPTQ's error from the records (#1908, #1797).
+# AWQ-lite gives the input-column groups with the largest activations × weights finer codes inside the
+# GPTQ solve; LQER then fits a low-rank product to the error left in the few matrices where it removes
+# the most output error per stored byte, and the loader adds the product to their dense weights, so
+# the evaluated model costs nothing extra.
+LQER_A_CODES = (-2, 1)  # left factor: int2, one fp16 scale per matrix
+LQER_B_CODES = (-8, 7)  # right factor: int4, one fp16 scale per LQER_ASYM_GROUP elements
+
+
+def awq_lite_groups(weights: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, list[int]]:
+    """name -> first columns of its AWQ-lite groups: the global top AWQ_LITE_GROUP_TOP_K groups of
+    AWQ_LITE_GROUP_SIZE consecutive input columns, by summed saliency RMS(x_c) · mean_r |W_rc|.
+
+    RMS(x_c) ∝ sqrt(H_cc): every Hessian sums x_c² over the same calibration tokens (per batch), except that
+    a looped layer's sums over its passes, which weighs its columns by how often the weight is applied.
+    """
+    candidates = []
+    for name, h in hessians.items():
+        if is_quantized(weights[name]) and quant_settings(name, hp)[0] < hp.awq_lite_bits:
+            saliency = h.diagonal().float().clamp_min(0).sqrt().cpu() * weights[name].detach().float().abs().mean(dim=0).cpu()
+            candidates += [(saliency[start:start + hp.awq_lite_group_size].sum().item(), name, start)
+                           for start in range(0, len(saliency), hp.awq_lite_group_size)]
+    chosen = {}
+    for _, name, start in sorted(candidates, reverse=True)[:hp.awq_lite_group_top_k]:
+        chosen.setdefault(name, []).append(start)
+    return {name: sorted(starts) for name, starts in chosen.items()}
+
+
+def awq_lite_mask(cols: int, starts: list[int], size: int) -> Tensor:
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in starts:
+        mask[start:start + size] = True
+    return mask
+
+
+def quantize_matrix(name: str, t: Tensor, hessian: Optional[Tensor], hp: Hyperparameters, awq_starts: list[int]) -> dict:
+    """GPTQ codes of one matrix; its AWQ-lite columns (if any) at AWQ_LITE_BITS with their own SDClip row scales."""
     bits, sigmas = quant_settings(name, hp)
-    codes, scale = gptq_quantize(t, hessians.get(name), bits, sigmas)
-    return dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+    if not awq_starts:
+        codes, scale = gptq_quantize(t, hessian, bits, sigmas)
+        return dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits)
+    fine_scale = row_scales(t, hp.awq_lite_bits, sigmas)
+    mask = awq_lite_mask(t.shape[1], awq_starts, hp.awq_lite_group_size).to(t.device)
+    codes, scale = gptq_quantize(t, hessian, bits, sigmas, fine=(mask, fine_scale, hp.awq_lite_bits))
+    awq = dict(starts=awq_starts, size=hp.awq_lite_group_size, bits=hp.awq_lite_bits, scale=fine_scale.half().cpu())
+    return dict(codes=codes.cpu(), scale=scale.cpu(), bits=bits, awq=awq)
+
+
+def in_groups(t: Tensor, group: int) -> Tensor:
+    """t flattened and zero-padded to whole groups: (groups × group)."""
+    flat = t.flatten()
+    return F.pad(flat, (0, -len(flat) % group)).view(-1, group)
+
+
+def lqer_product(factors: dict) -> Tensor:
+    """The dense correction A·B that the stored LQER factors stand for."""
+    a = factors["a_codes"].float() * factors["a_scale"].float()
+    b_codes = factors["b_codes"]
+    b = (in_groups(b_codes.float(), factors["group"]) * factors["b_scale"].float()[:, None]).flatten()
+    return a @ b[:b_codes.numel()].view(b_codes.shape)
+
+
+def dequantize_entry(q: dict) -> Tensor:
+    """The dense weight a quantized entry stands for: codes × row scale, the AWQ-lite columns × their own
+    scales, plus the LQER correction: this is where the corrections are folded in at load."""
+    w = dequantize(q["codes"], q["scale"])
+    if "awq" in q:
+        mask = awq_lite_mask(w.shape[1], q["awq"]["starts"], q["awq"]["size"])
+        w[:, mask] = q["codes"][:, mask].float() * q["awq"]["scale"].float()[:, None]
+    if "lqer" in q:
+        w += lqer_product(q["lqer"])
+    return w
+
+
+def hessian_factor(hessian: Tensor, damping: float = 0.01) -> Tensor:
+    """C with C·Cᵀ = H + damping·mean(diag H)·I (the identity if H is zero), so that tr(E H Eᵀ) ≈ ‖E·C‖²."""
+    h = hessian.detach().float()
+    ridge = damping * h.diagonal().mean() if h.diagonal().mean() > 0 else torch.tensor(1.0, device=h.device)
+    return torch.linalg.cholesky(h + ridge * torch.eye(len(h), device=h.device))
+
+
+def lqer_fit(error: Tensor, c: Tensor, rank: int, group: int) -> dict:
+    """Quantized LQER factors A (rows × rank, int2) and B (rank × cols, int4 in groups) with A·B ≈ error
+    in the Hessian norm ‖(E − A·B)·C‖.
+
+    The best rank-r fit in that norm spans the top left singular vectors U_r of E·C. A holds them unit-norm,
+    all columns alike, so one int2 scale suits them (the records' A = U·S rounds the weaker columns to 0),
+    at a step of std(A), near the MSE-optimal step of a 4-level quantizer. B is then the least-squares fit
+    to the *quantized* A, which absorbs A's rounding (given A, the H-weighted optimum does not depend on
+    H), and is quantized to int4 with one max|B|/7.5 scale per group of `group` flattened elements.
+    """
+    u = torch.linalg.svd(error @ c, full_matrices=False)[0][:, :rank]
+    a_scale = u.std().clamp_min(1e-8).half()
+    a_codes = torch.clamp(torch.round(u / a_scale.float()), *LQER_A_CODES)
+    b = torch.linalg.pinv(a_codes * a_scale.float()) @ error
+    groups = in_groups(b, group)
+    b_scale = (groups.abs().amax(dim=1) / (LQER_B_CODES[1] + 0.5)).clamp_min(2.0 ** -24).half()
+    b_codes = torch.clamp(torch.round(groups / b_scale.float()[:, None]), *LQER_B_CODES).flatten()[:b.numel()]
+    return dict(a_codes=a_codes.to(torch.int8).cpu(), a_scale=a_scale.view(1).cpu(), group=group,
+                b_codes=b_codes.view(b.shape).to(torch.int8).cpu(), b_scale=b_scale.cpu())
+
+
+def lqer_bytes(rows: int, cols: int, rank: int, group: int) -> int:
+    """Information size of one correction: 2 bits per A entry, 4 per B entry, and its fp16 scales."""
+    return (2 * rows * rank + 4 * rank * cols) // 8 + 2 * (1 + -(-rank * cols // group))
+
+
+def lqer_candidates(quantized: dict[str, dict], weights: dict[str, Tensor], hessians: dict[str, Tensor],
+                    rank: int, group: int) -> list[dict]:
+    """Every Hessian-calibrated matrix's correction: {name, factors, reduction, bytes}, most reduction per byte first.
+
+    reduction = tr(E H Eᵀ) − tr(E' H E'ᵀ), E the error before and E' after the (quantized) correction:
+    the layer's output error it removes. Ranking per byte rather than by ‖E‖ (which always picks the
+    largest matrix, the embedding) spends the bytes where they buy the most. This is the function a
+    budget fitter can call with another (top_k, rank) to grow an artifact into spare bytes.
+    """
+    out = []
+    for name, h in hessians.items():
+        if "codes" not in quantized[name]:  # the head's Hessian exists even when the embedding is small enough for fp16
+            continue
+        q = {k: v for k, v in quantized[name].items() if k != "lqer"}
+        c = hessian_factor(h)
+        error = weights[name].detach().float() - dequantize_entry(q).to(c.device)
+        factors = lqer_fit(error, c, rank, group)
+        left = error - lqer_product(factors).to(c.device)
+        reduction = ((error @ c) ** 2).sum().item() - ((left @ c) ** 2).sum().item()
+        out.append(dict(name=name, factors=factors, reduction=reduction, bytes=lqer_bytes(*error.shape, rank, group)))
+    return sorted(out, key=lambda cand: cand["reduction"] / cand["bytes"], reverse=True)
+
+
+def add_lqer(quantized: dict[str, dict], weights: dict[str, Tensor], hessians: dict[str, Tensor],
+             top_k: int, rank: int, group: int) -> dict[str, dict]:
+    """`quantized` with rank-`rank` LQER corrections on the top_k candidates (any that removes no error is skipped)."""
+    out = {name: {k: v for k, v in q.items() if k != "lqer"} if "lqer" in q else q for name, q in quantized.items()}
+    for cand in lqer_candidates(out, weights, hessians, rank, group)[:top_k]:
+        if cand["reduction"] > 0:
+            out[cand["name"]] = dict(out[cand["name"]], lqer=cand["factors"])
+    return out
+
+
+def describe_corrections(quantized: dict[str, dict]) -> list[str]:
+    """Log lines naming the AWQ-lite column groups and the LQER corrections."""
+    awq = [f"{name}[{start}:{start + q['awq']['size']}] int{q['awq']['bits']}"
+           for name, q in quantized.items() if "awq" in q for start in q["awq"]["starts"]]
+    lqer = [f"{name} rank {q['lqer']['a_codes'].shape[1]}" for name, q in quantized.items() if "lqer" in q]
+    return ((["quantized: AWQ-lite columns: " + ", ".join(awq)] if awq else [])
+            + (["quantized: LQER corrections: " + ", ".join(lqer)] if lqer else []))
 
 
 def quantize_state(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, dict]:
-    """name -> {'codes', 'scale', 'bits'} for quantized matrices (and gates), {'fp16'} for everything else."""
-    out = {}
-    for name, t in model.state_dict().items():
+    """name -> {'codes', 'scale', 'bits'} for quantized matrices (and gates), {'fp16'} for everything else;
+    a matrix may also carry 'awq' columns and an 'lqer' correction (see above)."""
+    out, state = {}, model.state_dict()
+    awq = awq_lite_groups(state, hessians, hp) if hp.awq_lite_enabled else {}
+    for name, t in state.items():
         if is_quantized(t):
-            out[name] = quantize_matrix(name, t, hessians, hp)
+            out[name] = quantize_matrix(name, t, hessians.get(name), hp, awq.get(name, []))
         elif hp.gated_attn_quant_gate and is_gate_tensor(name):
             out[name] = quantize_gate_rows(t)
         else:
             out[name] = dict(fp16=t.detach().half().cpu())
+    if hp.lqer_enabled and hessians:
+        out = add_lqer(out, state, hessians, hp.lqer_top_k, hp.lqer_rank, hp.lqer_asym_group)
     return out
 
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
-    return {name: dequantize(q["codes"], q["scale"]) if "codes" in q else q["fp16"].float()
+    return {name: dequantize_entry(q) if "codes" in q else q["fp16"].float()
             for name, q in quantized.items()}
 
 
@@ -2528,6 +2706,51 @@ def decompress_pergroup(blob: bytes) -> bytes:
     return b"".join(pieces)
 
 
+# The corrections' header fields: AWQ-lite column starts with their fp16 row scales; LQER's int8
+# containers of the int2 / int4 factor codes and their fp16 scales (the pergroup coder leaves these to
+# brotli with the rest of the container).
+def correction_fields(q: dict, add: Callable[[bytes], list[int]]) -> dict:
+    """The header fields of an entry's AWQ-lite columns and LQER factors; `add` appends their bytes to the payload."""
+    fields = {}
+    if "awq" in q:
+        awq = q["awq"]
+        fields["awq"] = dict(starts=awq["starts"], size=awq["size"], bits=awq["bits"],
+                             scale=add(byte_planes(awq["scale"].numpy().tobytes(), 2)))
+    if "lqer" in q:
+        f = q["lqer"]
+        fields["lqer"] = dict(rank=f["a_codes"].shape[1], group=f["group"], a_codes=add(f["a_codes"].numpy().tobytes()),
+                              a_scale=add(f["a_scale"].numpy().tobytes()), b_codes=add(f["b_codes"].numpy().tobytes()),
+                              b_scale=add(byte_planes(f["b_scale"].numpy().tobytes(), 2)))
+    return fields
+
+
+def read_corrections(e: dict, read: Callable[[list[int]], bytes]) -> dict:
+    """Inverse of correction_fields for one header entry; checks that every scale vector has its length."""
+    def array(span: list[int], dtype, shape=(-1,), planes: bool = False) -> Tensor:
+        data = from_byte_planes(read(span), 2) if planes else read(span)
+        return torch.from_numpy(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
+
+    out = {}
+    try:
+        rows, cols = e["shape"]
+        if "awq" in e:
+            awq = e["awq"]
+            out["awq"] = dict(starts=[int(s) for s in awq["starts"]], size=int(awq["size"]), bits=int(awq["bits"]),
+                              scale=array(awq["scale"], np.float16, planes=True))
+            if len(out["awq"]["scale"]) != rows:
+                raise ValueError
+        if "lqer" in e:
+            f, rank, group = e["lqer"], int(e["lqer"]["rank"]), int(e["lqer"]["group"])
+            out["lqer"] = dict(a_codes=array(f["a_codes"], np.int8, (rows, rank)), a_scale=array(f["a_scale"], np.float16),
+                               group=group, b_codes=array(f["b_codes"], np.int8, (rank, cols)),
+                               b_scale=array(f["b_scale"], np.float16, planes=True))
+            if group < 1 or len(out["lqer"]["a_scale"]) != 1 or len(out["lqer"]["b_scale"]) != -(-rank * cols // group):
+                raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise ArtifactError(f"the corrections of {e.get('name')} are malformed; the file is corrupted") from None
+    return out
+
+
 def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes:
     """MAGIC | compressor name | compressed(header length | JSON header | tensor bytes).
 
@@ -2546,7 +2769,7 @@ def serialize_artifact(quantized: dict[str, dict], hp: Hyperparameters) -> bytes
         if "codes" in q:
             entries.append(dict(name=name, kind="int", bits=q["bits"], shape=list(q["codes"].shape),
                                 codes=add(q["codes"].numpy().tobytes()),
-                                scale=add(byte_planes(q["scale"].numpy().tobytes(), 2))))
+                                scale=add(byte_planes(q["scale"].numpy().tobytes(), 2)), **correction_fields(q, add)))
         else:
             entries.append(dict(name=name, kind="fp16", shape=list(q["fp16"].shape),
                                 data=add(byte_planes(q["fp16"].numpy().tobytes(), 2))))
@@ -2596,7 +2819,7 @@ def parse_artifact(blob: bytes, hp: Hyperparameters) -> dict[str, dict]:
         if e["kind"] == "int":
             codes = torch.from_numpy(np.frombuffer(read(e["codes"]), dtype=np.int8).reshape(e["shape"]).copy())
             scale = torch.from_numpy(np.frombuffer(from_byte_planes(read(e["scale"]), 2), dtype=np.float16).copy())
-            out[e["name"]] = dict(codes=codes, scale=scale, bits=e["bits"])
+            out[e["name"]] = dict(codes=codes, scale=scale, bits=e["bits"], **read_corrections(e, read))
         else:
             data = np.frombuffer(from_byte_planes(read(e["data"]), 2), dtype=np.float16).reshape(e["shape"])
             out[e["name"]] = dict(fp16=torch.from_numpy(data.copy()))
@@ -2725,7 +2948,7 @@ def added_error(before: dict[str, dict], after: dict[str, dict], hessians: dict[
     total = 0.0
     for name, q in after.items():
         if "codes" in q and q is not before[name]:
-            delta = dequantize(q["codes"], q["scale"]) - dequantize(before[name]["codes"], before[name]["scale"])
+            delta = dequantize_entry(q) - dequantize_entry(before[name])
             h = hessians.get(name)
             diag = h.diagonal().float().cpu() if h is not None else torch.ones(delta.shape[1])
             total += (delta ** 2 * diag[None, :]).sum().item()
@@ -2842,7 +3065,7 @@ def output_error(weights: dict[str, Tensor], quantized: dict[str, dict], hessian
     total = 0.0
     for name, q in quantized.items():
         w = weights[name].detach().float()
-        delta = w - dequantize(q["codes"], q["scale"]).to(w.device)
+        delta = w - dequantize_entry(q).to(w.device)
         h = hessians.get(name)
         total += ((delta @ h.float()) * delta).sum().item() if h is not None else delta.square().sum().item()
     return total
@@ -2853,6 +3076,18 @@ def clip_knob_of(name: str) -> str:
     return "embed_clip_sigmas" if name in ("tok_emb.weight", "lm_head.weight") else clip_group(name)
 
 
+def requantize(names: list[str], weights: dict[str, Tensor], hessians: dict[str, Tensor], current: dict[str, dict],
+               hp: Hyperparameters) -> dict[str, dict]:
+    """GPTQ re-run on `names` under hp's clips, keeping each matrix's corrections: its AWQ-lite columns, and
+    an LQER correction refitted to the new codes where it had one."""
+    after = {name: quantize_matrix(name, weights[name], hessians.get(name), hp,
+                                   current[name].get("awq", {}).get("starts", [])) for name in names}
+    corrected = {name: hessians[name] for name in names if "lqer" in current[name]}
+    if corrected:
+        after = add_lqer(after, weights, corrected, len(corrected), hp.lqer_rank, hp.lqer_asym_group)
+    return after
+
+
 def clip_step(model: GPT, hessians: dict[str, Tensor], current: dict[str, dict], hp: Hyperparameters,
               knob: str, names: list[str], fraction: float) -> FillStep:
     """GPTQ re-run on one clip group's matrices with its sigmas `fraction` of a notch tighter."""
@@ -2860,7 +3095,7 @@ def clip_step(model: GPT, hessians: dict[str, Tensor], current: dict[str, dict],
     sigmas = getattr(hp, knob) * (1 - FILL_CLIP_NOTCH) ** fraction
     tighter = dataclasses.replace(hp, **{knob: sigmas})
     before = {name: current[name] for name in names}
-    after = {name: quantize_matrix(name, weights[name], hessians, tighter) for name in names}
+    after = requantize(names, weights, hessians, current, tighter)
     return FillStep("clip", f"{knob.upper()} {getattr(hp, knob):.4g} -> {sigmas:.4g}", before, after, {knob: sigmas},
                     entropy_bytes(after) - entropy_bytes(before),
                     output_error(weights, after, hessians) - output_error(weights, before, hessians),
@@ -3022,7 +3257,7 @@ def quantize_with_gptq(model: GPT, calibration: Iterator[Tensor], hp: Hyperparam
         synchronize(rt.device)
     quant_s = time.perf_counter() - t1
     log(f"GPTQ:quantized in {quant_s:.1f}s; Hessians + GPTQ took {hessian_s + quant_s:.1f}s")
-    for line in describe_quantization(quantized):
+    for line in describe_quantization(quantized) + describe_corrections(quantized):
         log(line)
     return quantized, hessians, dict(gptq_hessian_s=round(hessian_s, 3), gptq_quantize_s=round(quant_s, 3),
                                      gptq_total_s=round(hessian_s + quant_s, 3))
@@ -3060,7 +3295,7 @@ def report_sizes(model_bytes: int, code_bytes: int, hp: Hyperparameters, log: Ru
 
 def measure_gptq_reserve(model: GPT, batch: Tensor, hp: Hyperparameters, rt: Runtime) -> dict:
     """The seconds Hessians + GPTQ will take, measured before the clock starts: one calibration batch and
-    one matrix of each shape are timed and scaled to GPTQ_CALIBRATION_BATCHES batches and every matrix
+    one matrix of each shape (GPTQ and its LQER fit) are timed and scaled to GPTQ_CALIBRATION_BATCHES batches and every matrix
     (the first call of each also pays one-time costs, so this errs long). The slowest rank's figure."""
     t0 = time.perf_counter()
     with full_fp32_matmuls(), model.looping(hp.num_loops):
@@ -3074,6 +3309,8 @@ def measure_gptq_reserve(model: GPT, batch: Tensor, hp: Hyperparameters, rt: Run
         for (_, (bits, sigmas)), names in shapes.items():
             t1 = time.perf_counter()
             gptq_quantize(state[names[0]], hessians[names[0]], bits, sigmas)
+            if hp.lqer_enabled:  # every GPTQ matrix's correction is fitted to rank them; W stands in for its error
+                lqer_fit(state[names[0]].float(), hessian_factor(hessians[names[0]]), hp.lqer_rank, hp.lqer_asym_group)
             synchronize(rt.device)
             gptq += (time.perf_counter() - t1) * len(names)
     estimate = torch.tensor([per_batch * hp.gptq_calibration_batches + gptq], dtype=torch.float64, device=rt.device)
