@@ -389,6 +389,62 @@ def test_knob_table_check_fails_on_a_stale_readme(tmp_path, capsys):
     assert knob_table.main(["--check", str(tmp_path / "README.md")]) == 0
 
 
+# --- the README's env lines for public stacks ---------------------------------------------------
+
+KNOBS = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+
+
+def readme_stack_lines() -> list[dict[str, str]]:
+    """The KEY=VALUE settings of each torchrun command under README's "Reproducing public stacks"."""
+    section = (REPO / "README.md").read_text().split("### Reproducing public stacks")[1].split("\n## ")[0]
+    commands = re.findall(r"^((?:[A-Z0-9_]+=\S+ (?:\\\n)?)+)torchrun", section, flags=re.M)
+    return [dict(kv.split("=", 1) for kv in command.split() if "=" in kv) for command in commands]
+
+
+def test_readme_stack_lines_set_only_real_knobs_to_valid_values():
+    stacks = readme_stack_lines()
+    assert len(stacks) == 3  # 04-09, #1855, #2135
+    for env in stacks:
+        assert set(env) <= KNOBS, set(env) - KNOBS
+        tg.check_config(hparams(**env), world_size=8)
+        assert hparams(**env).birkhoff_mix is False  # our own additions are off in every public stack
+
+
+# --- tools/issue13_ablation.sh through tools/cpu_ablation.sh, with a stand-in benchmark ------------
+
+FAKE_BENCH = """#!/usr/bin/env bash
+# prints what cpu_quality.sh prints for a run that stopped at ITERATIONS (no ms_per_step), and its JSON
+shift; export "$@"; mkdir -p "$RUN_DIR/logs"; printf '%s\\n' "$@" > "$RUN_DIR/args"
+echo '{"steps": 150, "train_time_ms": 123000}' > "$RUN_DIR/logs/$RUN_ID.json"
+echo "details: rc=0 ms_per_step=NA"
+echo "steps=150 pre_bpb=2.5 post_bpb=2.6 sliding_bpb=2.55 artifact_bytes=999 wall_s=1.0"
+"""
+
+
+CPU_QUALITY = dict(NUM_LAYERS=4, MODEL_DIM=160, NUM_HEADS=4, NUM_KV_HEADS=2, XSA_LAST_N=4, NUM_LOOPS=2, LOOP_START=1,
+                   LOOP_END=2, PARALLEL_RESIDUAL_START=3, TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128)  # its small model
+
+
+def test_issue13_ablation_rows_and_configs(tmp_path):
+    bench = tmp_path / "bench.sh"
+    bench.write_text(FAKE_BENCH)
+    env = dict(os.environ, BENCH=str(bench), RUNS_DIR=str(tmp_path / "runs"), SEEDS="7")
+    out = subprocess.run(["bash", str(TOOLS / "issue13_ablation.sh"), str(tmp_path / "t.tsv")], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader((tmp_path / "t.tsv").open(), delimiter="\t"))
+    assert [r["label"] for r in rows][:2] == ["old", "new"] and len(rows) == 10
+    for r in rows:
+        assert (r["seed"], r["steps"], r["ms_per_step"], r["post_bpb"]) == ("7", "150", "820", "2.6")
+        assert float(r["load1"]) >= 0
+        args = (tmp_path / "runs" / f"{r['label']}_s7" / "args").read_text().split()
+        # cpu_quality.sh's 4-layer model, with the driver's settings on top, is a valid configuration
+        tg.check_config(hparams(**{**CPU_QUALITY, **dict(a.split("=", 1) for a in args)}), world_size=1)
+    bad = subprocess.run(["bash", str(TOOLS / "issue13_ablation.sh"), str(tmp_path / "u.tsv"), "nope"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown config 'nope'" in bad.stderr
+
+
 # --- the GPU doctor (on CPU: the tiny shape, FA3 skipped) -----------------------------------------
 
 

@@ -478,8 +478,9 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
     need(hp, math.isfinite(hp.ngram_tilt_boost) and hp.ngram_tilt_boost >= 0, "NGRAM_TILT_BOOST",
          "must be finite and >= 0")
     need(hp, 0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
-    need(hp, not hp.ngram_tilt or hp.sliding_window_enabled, "NGRAM_TILT",
-         "the tilt applies to sliding-window (and TTT) scores: set SLIDING_WINDOW_ENABLED=1")
+    need(hp, not hp.ngram_tilt or hp.sliding_window_enabled or (hp.ttt_enabled and hp.ttt_mode == "phased"),
+         "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1 or "
+         "TTT_ENABLED=1 TTT_MODE=phased")
     check_phased_ttt_config(hp)
 
 

@@ -8,23 +8,32 @@
 #   DATA_DIR (passed through to the benchmark when set), RUNS_DIR (default ./ablation_runs),
 #   SCRIPT (default: this repo's train_gpt.py; point it at a frozen copy to keep editing meanwhile).
 # Each run's logs/LABEL_sSEED.{txt,json} land in RUNS_DIR/LABEL_sSEED/ (tools/summarize_runs.py reads them).
+# ms_per_step is the benchmark's (wall-clock-capped runs) or, for runs that stop at ITERATIONS
+# (MAX_WALLCLOCK_SECONDS=0), the run JSON's train_time_ms / steps. load1 is the 1-minute load average
+# when the run starts: on a shared machine ms_per_step measures the other users' load as well.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$1; shift
 bench=${BENCH:-$here/../shared/bench/cpu_quality.sh}
 runs=${RUNS_DIR:-$PWD/ablation_runs}
 fields=(steps ms_per_step pre_bpb post_bpb sliding_bpb ttt_bpb artifact_bytes wall_s)
+ms_from_json() { # ms_from_json RUN.json : training ms per step of a finished run, NA if absent
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(round(r["train_time_ms"]/r["steps"]))' "$1" 2>/dev/null || echo NA
+}
 mkdir -p "$runs"
-[[ -s $out ]] || (IFS=$'\t'; echo "label	seed	settings	${fields[*]}") > "$out"
+[[ -s $out ]] || (IFS=$'\t'; echo "label	seed	settings	${fields[*]}	load1") > "$out"
 for spec in "$@"; do
   label=${spec%%:*}; settings=${spec#*:}
   kvs=()  # split at commas that start a new KEY=, so that values may hold commas (EVAL_LOOPS=0,1,2)
   [[ -z $settings ]] || mapfile -t kvs < <(sed -E 's/,([A-Z][A-Z0-9_]*=)/\n\1/g' <<< "$settings")
   for seed in ${SEEDS:-1337 42}; do
     dir="$runs/${label}_s$seed"; rm -rf "$dir"
+    load1=$(cut -d' ' -f1 /proc/loadavg)
     summary=$(RUN_DIR="$dir" bash "$bench" "${SCRIPT:-$here/train_gpt.py}" SEED="$seed" RUN_ID="${label}_s$seed" "${kvs[@]}" 2>&1 | tail -2)
     row=("$label" "$seed" "${settings:--}")
     for f in "${fields[@]}"; do row+=("$(sed -n "s/.*\b$f=\([^ ]*\).*/\1/p" <<< "$summary" | head -1)"); done
+    [[ ${row[4]} != NA ]] || row[4]=$(ms_from_json "$dir/logs/${label}_s$seed.json")
+    row+=("$load1")
     (IFS=$'\t'; echo "${row[*]}") | tee -a "$out"
   done
 done
