@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import E2E, REPO, SCRIPT, hparams, run_script
@@ -24,6 +26,7 @@ from conftest import E2E, REPO, SCRIPT, hparams, run_script
 TOOLS = Path(__file__).resolve().parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import compressor_bench  # noqa: E402
 import gpu_doctor  # noqa: E402
 import knob_table  # noqa: E402
 import pack_code  # noqa: E402
@@ -514,3 +517,21 @@ def test_projection_divides_by_eight_and_scales_eval_to_the_fineweb_validation_s
     measured = hparams(MAX_WALLCLOCK_SECONDS=600, ENABLE_LOOPING_AT=0.5, LOOP_SAMPLE="1,3")  # unset: the run reserves 1.5 x its measurement
     assert gpu_doctor.gptq_reserve(measured, 10.0) == 15.0
     assert gpu_doctor.project_training(training, measured, 15.0)["train_budget_s"] == 585
+
+
+# --- the compressor bench's contexts -------------------------------------------------------------
+
+
+def test_contexts_find_planted_column_structure_and_count_their_side_information():
+    rng = np.random.default_rng(0)
+    spread = np.where(np.arange(256) % 2 == 0, 1.0, 6.0)  # narrow and wide columns, interleaved
+    codes = np.clip(np.round(rng.standard_normal((512, 256)) * spread), -31, 31).astype(np.int8)
+    q = dict(codes=torch.from_numpy(codes), scale=torch.ones(512, dtype=torch.float16), bits=6)
+    sizes = compressor_bench.context_sizes("blocks.0.mlp.fc.weight", q)
+    assert sizes["column rms /4 (+ ids)"] < 0.9 * sizes["tensor"]
+    assert sizes["row scale rank /16 (free)"] <= sizes["tensor"] + 1e-6  # a context never costs entropy
+    order = compressor_bench.similarity_order(codes[:64])
+    assert sorted(order) == list(range(64))
+    assert compressor_bench.permutation_bytes(4) == pytest.approx(math.log2(24) / 8)
+    uniform = np.arange(4096) % 16
+    assert compressor_bench.conditional_bytes(np.zeros_like(uniform), uniform) == pytest.approx(4096 * 4 / 8)
