@@ -428,10 +428,10 @@ def test_end_to_end_artifact_and_post_quant_scores(tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (tmp_path / "logs" / "art.txt").read_text()
     artifact = tmp_path / "final_model.int6.ptz"
-    assert f"Serialized model quantized+brotli: {artifact.stat().st_size} bytes" in log
+    assert f"Serialized model quantized+pergroup: {artifact.stat().st_size} bytes" in log
     code_bytes = tg.counted_code(SCRIPT.read_text()).size  # the minified wrapper a submission would be
     assert f"Code size: {code_bytes} bytes" in log
-    assert f"Total submission size quantized+brotli: {artifact.stat().st_size + code_bytes} bytes" in log
+    assert f"Total submission size quantized+pergroup: {artifact.stat().st_size + code_bytes} bytes" in log
     assert re.search(r"^GPTQ:collected \d+ Hessians in [\d.]+s$", log, re.M)
     scores = {}
     for label in ("pre-quantization post-ema", "quantized", "quantized_sliding_window", "quantized_ttt"):
@@ -504,7 +504,7 @@ def test_run_fits_a_lowered_limit_and_scores_the_fitted_file(tiny_data, tmp_path
     assert record["status"] == "completed" and record["artifact_over_budget"] is False
     assert re.search(rf"^budget_fit: limit {limit} - margin 500 = target {limit - 500}; before {fit['before']} "
                      rf"after {fit['after']} bytes .* method clip: clip sigmas x{1 + fit['amount'] / 100:.2f}", log, re.M)
-    assert f"Total submission size quantized+brotli: {fit['after']} bytes" in log
+    assert f"Total submission size quantized+pergroup: {fit['after']} bytes" in log
     assert record["metrics"]["post_quant_val_bpb"] != free["metrics"]["post_quant_val_bpb"]  # the fitted file was read
 
 

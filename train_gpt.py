@@ -217,7 +217,7 @@ class Hyperparameters:
     awq_lite_bits: int = knob(8, "bits of the AWQ-lite columns (only matrices with fewer bits are candidates)")
     awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally")
     awq_lite_group_size: int = knob(64, "consecutive input columns per AWQ-lite group")
-    compressor: str = knob("brotli", "brotli (quality 11), lzma, or pergroup (codes ANS-coded per tensor role; pip package constriction)")
+    compressor: str = knob("pergroup", "pergroup (codes ANS-coded per tensor role; pip package constriction), brotli (quality 11) or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
     budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
