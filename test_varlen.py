@@ -1,10 +1,17 @@
 """DOC_ATTENTION on FlashAttention 3's varlen path, run on CPU against a reference kernel registered under FA3's name."""
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import hparams, randomize, small_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+import gpu_doctor  # noqa: E402
 
 BOS = tg.BOS_ID
 
@@ -194,3 +201,43 @@ def test_compiled_varlen_has_no_graph_break_and_no_recompile_for_a_new_document_
                 loss = net(rows[:, :-1], rows[:, 1:])
             loss.backward()
             assert loss.item() == pytest.approx(sdpa(rows[:, :-1], rows[:, 1:]).item(), abs=1e-5)
+
+
+def stand_in_fa3(monkeypatch, **functions) -> None:
+    """A flash_attn_interface module holding `functions`, for the GPU doctor's checks on CPU."""
+    module = types.ModuleType("flash_attn_interface")
+    module.__dict__.update(functions)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+    monkeypatch.setattr(tg, "FLASH_ATTN_3_VARLEN", None)
+
+
+def doctor_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(2, 256, 4, 16), torch.randn(2, 256, 2, 16), torch.randn(2, 256, 2, 16)
+
+
+def test_the_doctor_fails_a_build_without_varlen(monkeypatch):
+    stand_in_fa3(monkeypatch)
+    checks = gpu_doctor.fa3_varlen_checks(*doctor_qkv())
+    assert [(c.name, c.status) for c in checks] == [
+        ("varlen", "FAIL"), ("varlen_matches_sdpa", "SKIP"), ("varlen_compiles", "SKIP")]
+    assert "flex_attention" in checks[0].reason
+
+
+def test_the_doctor_compares_varlen_with_the_sdpa_document_mask(monkeypatch):
+    stand_in_fa3(monkeypatch, flash_attn_varlen_func=reference_varlen)
+    monkeypatch.setattr(gpu_doctor, "fa3_varlen_compile_check", lambda *args: gpu_doctor.Check("varlen_compiles", "SKIP", ""))
+    assert [c.status for c in gpu_doctor.fa3_varlen_checks(*doctor_qkv())] == ["PASS", "PASS", "SKIP"]
+
+    def crossing(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):  # ignores the boundaries: dense causal
+        return tg.causal_attention(q[None], k[None], v[None], "sdpa")[0]
+    stand_in_fa3(monkeypatch, flash_attn_varlen_func=crossing)
+    assert [c.status for c in gpu_doctor.fa3_varlen_checks(*doctor_qkv())][:2] == ["PASS", "FAIL"]
+
+
+@pytest.mark.slow
+def test_the_doctor_compiles_varlen_forward_and_backward_without_recompiling(monkeypatch):
+    stand_in_fa3(monkeypatch, flash_attn_varlen_func=compilable_varlen)
+    torch._dynamo.reset()
+    check = gpu_doctor.fa3_varlen_checks(*doctor_qkv())[-1]
+    assert (check.name, check.status) == ("varlen_compiles", "PASS"), check.reason
