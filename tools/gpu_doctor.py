@@ -7,8 +7,9 @@
 It drives the real train_gpt.py -- its Trainer, GPT, build_artifact, load_artifact and scoring
 functions -- on synthetic random tokens (or `--data-dir` real data) and reports: torch/CUDA
 versions; whether FlashAttention 3 imports, agrees with SDPA, returns a tensor and traces under
-torch.compile(fullgraph=True); the compile time of every graph; ms/step unlooped and looped at the
-8-GPU global batch (gradient accumulation 8 on one GPU), tokens/s, peak memory, graphs compiled
+torch.compile(fullgraph=True), and whether its varlen path (DOC_ATTENTION) matches SDPA's document
+mask on a packed batch and compiles forward and backward without recompiling for a new document
+count; the compile time of every graph; ms/step unlooped and looped at the 8-GPU global batch (gradient accumulation 8 on one GPU), tokens/s, peak memory, graphs compiled
 after warm-up; how many logits-sized copies the loss stores for backward; Hessian + GPTQ time;
 evaluation times; and the projection to 8xH100 with a verdict on the 600 s training and 600 s
 evaluation budgets. On CUDA it uses the default shape; on CPU a tiny one (so CI runs it).
