@@ -460,7 +460,8 @@ def test_gpu_doctor_runs_the_tiny_shape_end_to_end_and_writes_its_json(tmp_path,
     report = json.loads(out.read_text())
     assert report["shape"] == "tiny" and report["hyperparameters"]["vocab_size"] == gpu_doctor.TINY["VOCAB_SIZE"]
     assert [(c["name"], c["status"]) for c in report["fa3"]] == [
-        ("import", "SKIP"), ("matches_sdpa", "SKIP"), ("returns_tensor", "SKIP"), ("compiles", "SKIP")]
+        ("import", "SKIP"), ("matches_sdpa", "SKIP"), ("returns_tensor", "SKIP"), ("compiles", "SKIP"),
+        ("varlen", "SKIP"), ("varlen_matches_sdpa", "SKIP"), ("varlen_compiles", "SKIP")]
     assert all("no CUDA device" in c["reason"] for c in report["fa3"])
     training = report["training"]
     assert training["grad_accum_steps"] == 8 and set(training["per_loop_count"]) == {"0", "1"}

@@ -556,6 +556,16 @@ def load_flash_attn_3():
 
 
 FLASH_ATTN_3 = None  # set by choose_attention when FlashAttention 3 is the chosen path
+FLASH_ATTN_3_VARLEN = None  # set by document_attention_backend when FA3's varlen path runs DOC_ATTENTION
+
+
+def load_flash_attn_3_varlen():
+    """FA3's packed-sequence entry point, or None when the installed build lacks it."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
 
 def choose_attention(hp: Hyperparameters, device: torch.device) -> str:
@@ -575,14 +585,20 @@ def choose_attention(hp: Hyperparameters, device: torch.device) -> str:
 def document_attention_backend(hp: Hyperparameters, dense: str, device: torch.device) -> str:
     """The attention path under DOC_ATTENTION=1, given the dense path `dense` that choose_attention picked.
 
-    A document mask needs a kernel that takes one: on CUDA flex_attention with a BlockMask (whose shape is
-    fixed by the batch shape, so torch.compile never recompiles for a new set of documents), also when
-    FlashAttention 3 was chosen, since its varlen path is not wired here (its boundary tensor has a
-    data-dependent length); ATTN_BACKEND=sdpa keeps SDPA with a boolean mask. On CPU SDPA with a boolean
-    mask: flex_attention has no backward on CPU in torch 2.13.
+    A document mask needs a kernel that takes one. When FlashAttention 3 was chosen: its varlen path, fed
+    the segment boundaries of the flattened batch (see varlen_boundaries); a build without
+    flash_attn_varlen_func falls back to flex_attention (log_configuration says so). Other CUDA runs:
+    flex_attention with a BlockMask (whose shape is fixed by the batch shape, so torch.compile never
+    recompiles for a new set of documents); ATTN_BACKEND=sdpa keeps SDPA with a boolean mask. On CPU SDPA
+    with a boolean mask: flex_attention has no backward on CPU in torch 2.13.
     """
+    global FLASH_ATTN_3_VARLEN
     if not hp.doc_attention:
         return dense
+    if dense == "flash_attn_3":
+        FLASH_ATTN_3_VARLEN = load_flash_attn_3_varlen()
+        if FLASH_ATTN_3_VARLEN is not None:
+            return "flash_attn_3"
     return "flex" if device.type == "cuda" and hp.attn_backend != "sdpa" else "sdpa"
 
 
@@ -604,6 +620,7 @@ def init_runtime(hp: Hyperparameters, environ) -> Runtime:
     if use_compile:
         torch._dynamo.config.optimize_ddp = False  # DDP around a fullgraph-compiled module
         torch._dynamo.config.cache_size_limit = 32
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True  # varlen_boundaries' nonzero, in the graph
     # bf16 activations on GPUs (tensor cores). On CPU fp32: see BENCHMARKS.md, bf16 autocast was slower there.
     activation_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return Runtime(rank, local_rank, world_size, device, distributed,
@@ -1282,10 +1299,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, boundaries: Tensor) -> Tensor:
+    """FA3's varlen path over the batch flattened to one packed sequence of B*T tokens, each segment causal
+    and alone. max_seqlen is the row length T, a constant: every segment lies inside one row, and the
+    real per-batch maximum would be one more data-dependent number (a recompile per value)."""
+    b, t = q.shape[:2]
+    out = FLASH_ATTN_3_VARLEN(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), boundaries, boundaries, t, t,
+                              causal=True)
+    return (out[0] if isinstance(out, tuple) else out).view(b, t, *q.shape[2:])
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -> Tensor:
     """q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D); query head h reads kv head h // (H/Hkv).
     `mask` (see AttentionLayout): None is dense causal attention; a BlockMask for backend "flex", or a
-    boolean (B, 1, T, T) mask for SDPA, already holds causality."""
+    boolean (B, 1, T, T) mask for SDPA, already holds causality; for FA3, varlen_boundaries' tensor."""
+    if backend == "flash_attn_3" and mask is not None:
+        return varlen_attention(q, k, v, mask)
     if backend == "flash_attn_3":
         out = FLASH_ATTN_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -1302,9 +1331,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask=None) -
 # fragment of one that the row cut. Attention never crosses a segment boundary and rotary positions
 # restart at each segment, so a packed row computes what its documents would compute alone. The row
 # length (TRAIN_SEQ_LEN, EVAL_SEQ_LEN) is the segment cap: pieces of a longer document in different rows
-# never attend to each other. Everything is computed from the input ids inside the forward with shapes
-# fixed by the batch shape, so every forward path (training, validation, GPTQ calibration, sliding
-# windows, TTT) gets it and torch.compile sees no data-dependent shape.
+# never attend to each other. Everything is computed from the input ids inside the forward, so every
+# forward path (training, validation, GPTQ calibration, sliding windows, TTT) gets it; shapes are fixed by
+# the batch shape except FA3's boundary tensor (see varlen_boundaries).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1338,6 +1367,33 @@ def document_block_mask(starts: Tensor) -> BlockMask:
     return create_block_mask(same_segment, b, None, t, t, device=starts.device)
 
 
+def varlen_boundaries(starts: Tensor) -> Tensor:
+    """FA3 varlen's cu_seqlens for the batch flattened to B*T tokens: the int32 offset of every segment start,
+    then B*T. A token starts a segment iff its segment start is itself, so every row start is a boundary.
+
+    Its length (segments + 1) depends on the data. It is built inside the compiled forward as an unbacked
+    size (torch.compile with capture_dynamic_output_shape_ops; FA3's ops carry fake kernels whose shapes
+    follow cu_seqlens symbolically), so there are no buckets to warm up and no recompile for a new count.
+    Rejected: a static length (torch.nonzero_static) needs B*T + 1 entries to be provably enough, and FA3's
+    backward allocates (segments x 128) padded rows per head for dq: ~26 GB per layer at 48 x 2048 tokens;
+    the records' buckets (a length chosen outside the graph) would move the compile boundary of every
+    caller. The cost: nonzero syncs the host with the device once per forward.
+    """
+    index = torch.arange(starts.size(1), device=starts.device)
+    first = (starts == index).flatten()
+    offsets = torch.nonzero(first).flatten()
+    return torch.cat((offsets, offsets.new_full((1,), first.numel()))).to(torch.int32)
+
+
+def backend_document_mask(starts: Tensor, backend: str):
+    """The document mask in the form `backend` takes (see causal_attention)."""
+    if backend == "flex":
+        return document_block_mask(starts)
+    if backend == "flash_attn_3":
+        return varlen_boundaries(starts)
+    return document_mask(starts)
+
+
 def attention_layout(input_ids: Tensor, cos: Tensor, sin: Tensor, per_document: bool, backend: str) -> AttentionLayout:
     """The layout of a batch from full rotary tables cos/sin (max_len, R). Dense: positions 0..T-1 of the
     row, the same tensors as before DOC_ATTENTION existed. Per document: positions restart at each segment."""
@@ -1346,7 +1402,7 @@ def attention_layout(input_ids: Tensor, cos: Tensor, sin: Tensor, per_document: 
         return AttentionLayout(cos[:t], sin[:t])
     starts = segment_starts(input_ids)
     positions = torch.arange(t, device=input_ids.device) - starts
-    mask = document_block_mask(starts) if backend == "flex" else document_mask(starts)
+    mask = backend_document_mask(starts, backend)
     return AttentionLayout(cos[positions], sin[positions], mask)
 
 
@@ -4078,6 +4134,8 @@ def log_configuration(hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
     log(f"runtime: world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{device_name(rt.device)} "
         f"compile:{int(rt.compile)} activation_dtype:{str(rt.activation_dtype).removeprefix('torch.')}")
     log(f"attention: {rt.attn_backend}")
+    if hp.doc_attention and FLASH_ATTN_3 is not None and FLASH_ATTN_3_VARLEN is None:
+        log("attention: this FlashAttention 3 build has no flash_attn_varlen_func; DOC_ATTENTION runs on flex_attention")
 
 
 def log_model(model: GPT, log: RunLog) -> None:

@@ -7,8 +7,9 @@
 It drives the real train_gpt.py -- its Trainer, GPT, build_artifact, load_artifact and scoring
 functions -- on synthetic random tokens (or `--data-dir` real data) and reports: torch/CUDA
 versions; whether FlashAttention 3 imports, agrees with SDPA, returns a tensor and traces under
-torch.compile(fullgraph=True); the compile time of every graph; ms/step unlooped and looped at the
-8-GPU global batch (gradient accumulation 8 on one GPU), tokens/s, peak memory, graphs compiled
+torch.compile(fullgraph=True), and whether its varlen path (DOC_ATTENTION) matches SDPA's document
+mask on a packed batch and compiles forward and backward without recompiling for a new document
+count; the compile time of every graph; ms/step unlooped and looped at the 8-GPU global batch (gradient accumulation 8 on one GPU), tokens/s, peak memory, graphs compiled
 after warm-up; how many logits-sized copies the loss stores for backward; Hessian + GPTQ time;
 evaluation times; and the projection to 8xH100 with a verdict on the 600 s training and 600 s
 evaluation budgets. On CUDA it uses the default shape; on CPU a tiny one (so CI runs it).
@@ -107,8 +108,9 @@ def environment(device: torch.device) -> dict:
 
 
 def fa3_checks(device: torch.device) -> list[Check]:
-    """Import, agreement with SDPA, return type, and tracing under torch.compile(fullgraph=True)."""
-    names = ("import", "matches_sdpa", "returns_tensor", "compiles")
+    """Import, agreement with SDPA, return type, and tracing under torch.compile(fullgraph=True); then the
+    same for the varlen path that DOC_ATTENTION takes (fa3_varlen_checks)."""
+    names = ("import", "matches_sdpa", "returns_tensor", "compiles") + VARLEN_CHECKS
     if device.type != "cuda":
         return [Check(n, SKIP, "no CUDA device: FlashAttention 3 runs on Hopper GPUs only") for n in names]
     try:
@@ -134,7 +136,7 @@ def fa3_checks(device: torch.device) -> list[Check]:
                         "returns (out, lse): a build from before mid-2025; install a current one" if isinstance(out, tuple)
                         else "returns a tensor (a current build)"))
     checks.append(fa3_compile_check(flash_attn_func, q, k, v, tensor))
-    return checks
+    return checks + fa3_varlen_checks(q, k, v)
 
 
 def fa3_compile_check(flash_attn_func, q, k, v, expected) -> Check:
@@ -149,6 +151,66 @@ def fa3_compile_check(flash_attn_func, q, k, v, expected) -> Check:
     if not torch.equal(out, expected):
         return Check("compiles", FAIL, "the compiled call returns another result than the eager one")
     return Check("compiles", PASS, "traces under torch.compile(fullgraph=True), same output as eager")
+
+
+VARLEN_CHECKS = ("varlen", "varlen_matches_sdpa", "varlen_compiles")
+
+
+def packed_ids(t: int, bos_positions: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Rows of t non-BOS token ids with a BOS at each listed position: a packed batch of documents."""
+    ids = torch.full((len(bos_positions), t), 2, device=device)
+    for row, positions in enumerate(bos_positions):
+        ids[row, positions] = tg.BOS_ID
+    return ids
+
+
+def fa3_varlen_checks(q, k, v) -> list[Check]:
+    """flash_attn_varlen_func present, and train_gpt's varlen attention on a packed batch (documents of 1 to
+    200 tokens, a row cut mid-document) equal to SDPA with the boolean document mask."""
+    try:
+        from flash_attn_interface import flash_attn_varlen_func
+    except ImportError as exc:
+        reason = f"no flash_attn_varlen_func ({exc}): DOC_ATTENTION would run on flex_attention; install a current build"
+        return [Check("varlen", FAIL, reason)] + [Check(n, SKIP, "needs flash_attn_varlen_func") for n in VARLEN_CHECKS[1:]]
+    checks = [Check("varlen", PASS, "flash_attn_varlen_func is importable")]
+    tg.FLASH_ATTN_3_VARLEN = flash_attn_varlen_func
+    ids = packed_ids(q.size(1), [[0, 1, 2, 50, 250], [30, 31, 100]], q.device)
+    starts = tg.segment_starts(ids)
+    try:
+        out = tg.causal_attention(q, k, v, "flash_attn_3", tg.varlen_boundaries(starts))
+    except Exception as exc:
+        return checks + [Check(n, FAIL, f"flash_attn_varlen_func raised {type(exc).__name__}: {exc}") for n in VARLEN_CHECKS[1:]]
+    error = (out.float() - tg.causal_attention(q, k, v, "sdpa", tg.document_mask(starts)).float()).abs().max().item()
+    checks.append(Check("varlen_matches_sdpa", PASS if error < 2e-2 else FAIL,
+                        f"max |FA3 varlen - SDPA document mask| = {error:.2e} (tolerance 2e-2, bf16)"))
+    return checks + [fa3_varlen_compile_check(q, k, v, ids)]
+
+
+def varlen_loss_and_grads(attend: Callable, q, k, v, ids) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = attend(*leaves, ids)
+    return out.detach(), list(torch.autograd.grad(out.float().square().sum(), leaves))
+
+
+def fa3_varlen_compile_check(q, k, v, ids) -> Check:
+    """The boundaries and the varlen call compiled as the model is (fullgraph, unbacked boundary length),
+    forward and backward; a batch with another number of documents must run without recompiling."""
+    def attend(a, b, c, i):
+        return tg.causal_attention(a, b, c, "flash_attn_3", tg.varlen_boundaries(tg.segment_starts(i)))
+    other = packed_ids(q.size(1), [[5], [0, 7, 9, 11, 13, 15]], q.device)
+    try:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            compiled = torch.compile(attend, dynamic=False, fullgraph=True)
+            varlen_loss_and_grads(compiled, q, k, v, ids)
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out, grads = varlen_loss_and_grads(compiled, q, k, v, other)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return Check("varlen_compiles", FAIL, f"compiled varlen failed: {type(exc).__name__}: {first_line}")
+    eager_out, eager_grads = varlen_loss_and_grads(attend, q, k, v, other)
+    error = max((a.float() - b.float()).abs().max().item() for a, b in zip([out] + grads, [eager_out] + eager_grads))
+    return Check("varlen_compiles", PASS if error < 2e-2 else FAIL,
+                 f"fullgraph forward+backward, no recompile for a new document count; max |compiled - eager| = {error:.2e}")
 
 
 # --- configuration and synthetic data -----------------------------------------------------------
