@@ -245,9 +245,9 @@ class Hyperparameters:
                                        "end; also the row length of the global SGD phases")
     ttt_lora_rank: int = knob(80, "phased TTT: rank r of each per-document adapter")
     ttt_lora_alpha: float = knob(144.0, "phased TTT: adapter output scale alpha/r")
-    ttt_mask: str = knob("k,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o (attention "
-                                         "input to output), mlp (normalized MLP input to its output), head (logits); "
-                                         "one adapter per virtual layer")
+    ttt_mask: str = knob("q,v,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o "
+                                           "(attention input to output), mlp (normalized MLP input to its output), head "
+                                           "(logits); one adapter per virtual layer (default: #2135's, K off)")
     ttt_lora_lr: float = knob(8e-5, "phased TTT: AdamW LR of the adapters")
     ttt_beta1: float = knob(0.0, "phased TTT: AdamW beta1 of the adapters")
     ttt_beta2: float = knob(0.99, "phased TTT: AdamW beta2 of the adapters")
