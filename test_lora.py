@@ -111,6 +111,16 @@ def test_chunk_rows_score_the_chunk_with_the_context_before_it_and_never_train_o
     assert rows.inputs[1, 9:].sum() == 0 and not rows.scored[1, 9:].any()  # right padding
 
 
+def test_chunk_windows_are_padded_to_a_few_widths_fixed_by_the_knobs():
+    assert tg.ttt_window_widths(48, 2560) == [48, 96, 192, 384, 768, 1536, 2560]
+    assert tg.ttt_window_widths(8, 8) == [8]
+    assert [tg.padded_width(w, 48, 2560) for w in (1, 48, 49, 1537, 2560)] == [48, 48, 96, 2560, 2560]
+    rows = tg.chunk_rows(np.arange(100), np.array([0]), np.array([30]), index=2, chunk=8, context=64)
+    assert rows.inputs.shape == (1, 32)  # a 24-token window (targets 17..24) padded to 32
+    assert rows.inputs[0].tolist() == list(range(24)) + [0] * 8
+    assert not rows.scored[0, 24:].any() and rows.weight[0, 24:].sum() == 0
+
+
 # --- the adapters inside the forward ---------------------------------------------------------------
 
 

@@ -3763,6 +3763,24 @@ def phase_ends(batches: list[np.ndarray], prefix_docs: int, num_phases: int) -> 
     return phases
 
 
+def ttt_window_widths(chunk: int, context: int) -> list[int]:
+    """The widths chunk windows are padded to: chunk·2^k below `context`, then `context`. A short fixed list,
+    known from the knobs alone, so the compiled scoring forward has a few static shapes that the warm-up can
+    build before the eval timer (dynamic=True would compile inside it and can recompile on new sizes). Right
+    padding is never scored and, attention being causal, changes no scored logit; it costs < 2x on windows
+    shorter than context/2 and nothing on full-context windows, where most of the tokens are."""
+    widths, width = [], min(chunk, context)
+    while width < context:
+        widths.append(width)
+        width *= 2
+    return widths + [context]
+
+
+def padded_width(width: int, chunk: int, context: int) -> int:
+    """The smallest of ttt_window_widths that holds a `width`-token window."""
+    return next(w for w in ttt_window_widths(chunk, context) if w >= width)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkRows:
     """One chunk of every document of a batch: row r is document r's window (numpy, (docs, width))."""
@@ -3782,7 +3800,7 @@ def chunk_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, inde
     ends = np.minimum(first + chunk, lengths)
     win = np.maximum(0, ends - context)
     live = first < lengths
-    width = int((ends - win)[live].max())
+    width = padded_width(int((ends - win)[live].max()), chunk, context)
     rows = ChunkRows(*(np.zeros((len(starts), width), dtype=t) for t in (np.int64, np.int64, np.int64, bool, np.float32)))
     for r in np.flatnonzero(live):
         s, n = starts[r] + win[r], ends[r] - win[r]
@@ -3830,7 +3848,7 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
     for index in range(-(-int(lengths.max()) // hp.ttt_chunk_size)):
         chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len)
         x, y, positions, scored, weight = (torch.from_numpy(a).to(rt.device) for a in dataclasses.astuple(chunk))
-        with model.adapted(lora), autocast(rt), torch.set_grad_enabled(bool(chunk.weight.any())):
+        with model.adapted(lora), autocast(rt):  # with grad even when nothing trains: one graph per shape, not two
             logits = logits_fn(x)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         sums += masked_score(nll.detach(), logits.detach(), x, y, scored, positions, counts, tilt)
@@ -3896,7 +3914,7 @@ def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtim
     order = np.concatenate(batches)
     counts = val.bytes.to(rt.device)
     generator = torch.Generator().manual_seed(hp.seed + rt.rank)
-    logits_fn = torch.compile(model.forward_logits, dynamic=True) if rt.compile else model.forward_logits
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if rt.compile else model.forward_logits
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     model.eval()
     model.requires_grad_(False)
@@ -3963,8 +3981,32 @@ def ttt_step_rows(num_tokens: int, hp: Hyperparameters, rt: Runtime) -> list[int
     return sorted(rows - {0})
 
 
-def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
-    """Compile every graph of the timed evaluation of a `num_tokens` stream, on random tokens."""
+def phased_batch_rows(num_docs: int, hp: Hyperparameters) -> list[int]:
+    """The distinct document counts of phased TTT's batches of `num_docs` documents (TTT_BATCH_SIZE and the rest)."""
+    return sorted({min(hp.ttt_batch_size, num_docs - i) for i in range(0, num_docs, hp.ttt_batch_size)})
+
+
+def warm_up_phased(model: GPT, tokens: Callable[[int, int], Tensor], rows: list[int], hp: Hyperparameters,
+                   rt: Runtime, generator: torch.Generator) -> list[int]:
+    """Compile phased TTT's scoring forward with adapters and its backward at every (documents, padded width)
+    on throwaway adapters, as score_document_batch runs them (eval mode, frozen base weights, grad on). The
+    AdamW step and the global SGD phase run eagerly: nothing to compile. Returns the widths."""
+    widths = ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len)
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
+    model.eval()
+    model.requires_grad_(False)
+    for docs, width in itertools.product(rows, widths):
+        lora = BatchedLora(lora_shapes(model, ttt_sites(hp)), docs, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
+        x = tokens(docs, width)
+        with model.adapted(lora.to(rt.device)), autocast(rt):
+            logits = logits_fn(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+    return widths
+
+
+def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog, num_docs: int = 0) -> None:
+    """Compile every graph of the timed evaluation of a `num_tokens` stream of `num_docs` documents (the count
+    matters only to phased TTT), on random tokens."""
     if not rt.compile:
         log("eval_warmup: skipped (COMPILE off, nothing to compile)")
         return
@@ -3989,20 +4031,24 @@ def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog)
                 net(flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len))
         if hp.sliding_window_enabled:
             logits_fn(tokens(sliding_batch, seq_len))  # `score_windows`: a padded [batch, seq_len] array
-    ttt_rows = ttt_step_rows(num_tokens, hp, rt) if hp.ttt_enabled and hp.ttt_epochs > 0 else []
+    phased = hp.ttt_enabled and hp.ttt_mode == "phased"
+    ttt_rows = ttt_step_rows(num_tokens, hp, rt) if hp.ttt_enabled and not phased and hp.ttt_epochs > 0 else []
     model.train()
     for rows in ttt_rows:
         chunk = tokens(rows, seq_len + 1)  # `ttt_step`: slices of [rows, seq_len + 1]
         with autocast(rt):
             loss = net(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
+    doc_rows = phased_batch_rows(num_docs, hp) if phased else []
+    widths = warm_up_phased(model, tokens, doc_rows, hp, rt, generator) if phased else []
     del model, net, logits_fn
     synchronize(rt.device)
     if rt.distributed:
         dist.barrier()  # every rank starts the eval timer together
     log(f"eval_warmup: random tokens (seed {EVAL_WARMUP_SEED}), seq_len {hp.eval_seq_len}: plain batches {plain} "
         f"at loops {list(dict.fromkeys((hp.num_loops, *hp.eval_loops)))}, sliding batch "
-        f"{sliding_batch if hp.sliding_window_enabled else '-'}, TTT steps {ttt_rows}; "
+        f"{sliding_batch if hp.sliding_window_enabled else '-'}, TTT steps {ttt_rows}, phased TTT documents "
+        f"{doc_rows} x widths {widths}; "
         f"{compiled_graph_count() - graphs} graph(s) compiled in {time.perf_counter() - t0:.1f}s (not timed)")
 
 
@@ -4039,7 +4085,8 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyp
                       log: RunLog) -> None:
     """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT (full or
     phased: its metrics are ttt_*, whichever mode)."""
-    warm_up_eval(len(val.tokens), hp, rt, log)
+    phased = hp.ttt_enabled and hp.ttt_mode == "phased"  # its shapes need the document count, not the tokens
+    warm_up_eval(len(val.tokens), hp, rt, log, len(val_documents(val.tokens).starts) if phased else 0)
     graphs = compiled_graph_count()
     model = timed_load("artifact_load", path, hp, rt, log)
     net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
