@@ -243,6 +243,9 @@ class Hyperparameters:
     ttt_chunk_size: int = knob(48, "phased TTT: a document's targets are scored, then trained on, this many at a time")
     ttt_eval_seq_len: int = knob(2560, "phased TTT: context of a chunk, the document's tokens ending at the chunk's "
                                        "end; also the row length of the global SGD phases")
+    ttt_width_growth: float = knob(2.0, "phased TTT: chunk windows are padded to widths TTT_CHUNK_SIZE, then each about "
+                                        "this factor wider (in whole chunks), up to TTT_EVAL_SEQ_LEN: one compiled "
+                                        "graph per width; smaller = less padding, more graphs to warm up")
     ttt_lora_rank: int = knob(80, "phased TTT: rank r of each per-document adapter")
     ttt_lora_alpha: float = knob(144.0, "phased TTT: adapter output scale alpha/r")
     ttt_mask: str = knob("k,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o (attention "
@@ -497,6 +500,7 @@ def check_phased_ttt_config(hp: Hyperparameters) -> None:
     need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
          f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
     need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
+    need(hp, math.isfinite(hp.ttt_width_growth) and hp.ttt_width_growth > 1, "TTT_WIDTH_GROWTH", "must be > 1")
     sites = ttt_sites(hp)
     need(hp, bool(sites) and set(sites) <= set(LORA_SITES) and len(set(sites)) == len(sites), "TTT_MASK",
          f"must be distinct comma-separated sites from {','.join(LORA_SITES)}")
@@ -3763,22 +3767,23 @@ def phase_ends(batches: list[np.ndarray], prefix_docs: int, num_phases: int) -> 
     return phases
 
 
-def ttt_window_widths(chunk: int, context: int) -> list[int]:
-    """The widths chunk windows are padded to: chunk·2^k below `context`, then `context`. A short fixed list,
-    known from the knobs alone, so the compiled scoring forward has a few static shapes that the warm-up can
-    build before the eval timer (dynamic=True would compile inside it and can recompile on new sizes). Right
-    padding is never scored and, attention being causal, changes no scored logit; it costs < 2x on windows
-    shorter than context/2 and nothing on full-context windows, where most of the tokens are."""
+def ttt_window_widths(chunk: int, context: int, growth: float) -> list[int]:
+    """The widths chunk windows are padded to: `chunk`, then each `growth` times the last rounded up to whole
+    chunks (at least one more), below `context`; then `context`. A short list known from the knobs alone, so the
+    compiled scoring forward has a few static shapes that the warm-up builds before the eval timer: with
+    dynamic=True the adapters' document count (a parameter shape, kept static) still recompiles inside the timer.
+    Right padding is never scored and, attention being causal, changes no scored logit; it costs < growth x on
+    short windows and nothing on full-context ones (BENCHMARKS.md: +8-34% forward tokens at growth 2)."""
     widths, width = [], min(chunk, context)
     while width < context:
         widths.append(width)
-        width *= 2
+        width = max(width + chunk, -(-math.ceil(width * growth) // chunk) * chunk)
     return widths + [context]
 
 
-def padded_width(width: int, chunk: int, context: int) -> int:
+def padded_width(width: int, chunk: int, context: int, growth: float) -> int:
     """The smallest of ttt_window_widths that holds a `width`-token window."""
-    return next(w for w in ttt_window_widths(chunk, context) if w >= width)
+    return next(w for w in ttt_window_widths(chunk, context, growth) if w >= width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3792,15 +3797,15 @@ class ChunkRows:
 
 
 def chunk_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, index: int, chunk: int,
-               context: int) -> ChunkRows:
+               context: int, growth: float) -> ChunkRows:
     """Chunk `index` of each document: targets [index·chunk, end) with end = min((index+1)·chunk, length),
-    inputs the `context` tokens of the document ending at `end` (fewer near its start). Rows of documents
-    with no such chunk are padding."""
+    inputs the `context` tokens of the document ending at `end` (fewer near its start), right-padded to a width
+    of ttt_window_widths(chunk, context, growth). Rows of documents with no such chunk are padding."""
     first = index * chunk
     ends = np.minimum(first + chunk, lengths)
     win = np.maximum(0, ends - context)
     live = first < lengths
-    width = padded_width(int((ends - win)[live].max()), chunk, context)
+    width = padded_width(int((ends - win)[live].max()), chunk, context, growth)
     rows = ChunkRows(*(np.zeros((len(starts), width), dtype=t) for t in (np.int64, np.int64, np.int64, bool, np.float32)))
     for r in np.flatnonzero(live):
         s, n = starts[r] + win[r], ends[r] - win[r]
@@ -3846,7 +3851,7 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
     starts, lengths = docs.starts[rows], docs.lengths[rows]
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     for index in range(-(-int(lengths.max()) // hp.ttt_chunk_size)):
-        chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len)
+        chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)
         x, y, positions, scored, weight = (torch.from_numpy(a).to(rt.device) for a in dataclasses.astuple(chunk))
         with model.adapted(lora), autocast(rt):  # with grad even when nothing trains: one graph per shape, not two
             logits = logits_fn(x)
@@ -3991,7 +3996,7 @@ def warm_up_phased(model: GPT, tokens: Callable[[int, int], Tensor], rows: list[
     """Compile phased TTT's scoring forward with adapters and its backward at every (documents, padded width)
     on throwaway adapters, as score_document_batch runs them (eval mode, frozen base weights, grad on). The
     AdamW step and the global SGD phase run eagerly: nothing to compile. Returns the widths."""
-    widths = ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len)
+    widths = ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)
     logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
     model.eval()
     model.requires_grad_(False)

@@ -75,7 +75,7 @@ def add_batch(work: dict, lengths: np.ndarray, hp: tg.Hyperparameters) -> None:
         ends = np.minimum((index + 1) * chunk, lengths)
         live = index * chunk < lengths
         windows = (ends - np.maximum(0, ends - context))[live]
-        width = tg.padded_width(int(windows.max()), chunk, context)
+        width = tg.padded_width(int(windows.max()), chunk, context, hp.ttt_width_growth)
         tokens = len(lengths) * width
         work["fwd"] += tokens
         work["fwd_keys"] += tokens * width / 2  # causal: a token sees half the window on average
@@ -120,7 +120,7 @@ def main() -> None:
     print(f"shape: {hp.num_layers} layers x {hp.model_dim}, {tg.GPT(hp).plan.num_slots} virtual, vocab "
           f"{hp.vocab_size}: {mat / 1e6:.1f} MFLOP/token of matmuls, {attn / 1e3:.1f} kFLOP/token per key of context")
     print(f"knobs: chunk {hp.ttt_chunk_size}, context {hp.ttt_eval_seq_len}, batch {hp.ttt_batch_size}, rank "
-          f"{hp.ttt_lora_rank}, widths {tg.ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len)}, prefix "
+          f"{hp.ttt_lora_rank}, widths {tg.ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)}, prefix "
           f"{hp.phased_ttt_prefix_docs} docs in {hp.phased_ttt_num_phases} phase(s)")
     total_fwd = sum(x["fwd"] for x in work)
     print(f"all ranks: window tokens forwarded {total_fwd:,} (padded; {sum(x['useful'] for x in work):,} unpadded), "
