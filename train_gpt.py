@@ -3961,7 +3961,8 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, 
 # --- Compile warm-up of the evaluation, outside the eval timer (spec §7.6). Each compiled graph the timed
 # evaluation runs (one per entry point, mode, loop count and batch shape) is built first on random tokens from
 # a seeded generator, never on validation tokens (a record was flagged for warming on them): the warm-up is
-# given only the stream's length, which fixes the shapes. It runs a throwaway model of the same architecture:
+# given only the stream's length and document count, which fix the shapes. It runs a throwaway model of the same
+# architecture (and throwaway adapters: a fresh BatchedLora of the same shape reuses the graph, checked on CPU):
 # compiled code is cached on GPT's methods and guarded on shapes, modes and flags, not on the instance, so the
 # artifact's model (and TTT's fresh copy) reuse it. Without compilation there is nothing to warm up.
 
@@ -4009,7 +4010,7 @@ def warm_up_phased(model: GPT, tokens: Callable[[int, int], Tensor], rows: list[
     return widths
 
 
-def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog, num_docs: int = 0) -> None:
+def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog, num_docs: int) -> None:
     """Compile every graph of the timed evaluation of a `num_tokens` stream of `num_docs` documents (the count
     matters only to phased TTT), on random tokens."""
     if not rt.compile:
