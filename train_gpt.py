@@ -243,9 +243,9 @@ class Hyperparameters:
     ttt_chunk_size: int = knob(48, "phased TTT: a document's targets are scored, then trained on, this many at a time")
     ttt_eval_seq_len: int = knob(2560, "phased TTT: context of a chunk, the document's tokens ending at the chunk's "
                                        "end; also the row length of the global SGD phases")
-    ttt_width_growth: float = knob(2.0, "phased TTT: chunk windows are padded to widths TTT_CHUNK_SIZE, then each about "
-                                        "this factor wider (in whole chunks), up to TTT_EVAL_SEQ_LEN: one compiled "
-                                        "graph per width; smaller = less padding, more graphs to warm up")
+    ttt_width_growth: float = knob(2.0, "phased TTT: chunk windows are padded to widths TTT_CHUNK_SIZE, then each "
+                                        "about this factor wider (in whole chunks), up to TTT_EVAL_SEQ_LEN: one "
+                                        "compiled graph per width; smaller = less padding, more graphs to warm up")
     ttt_lora_rank: int = knob(80, "phased TTT: rank r of each per-document adapter")
     ttt_lora_alpha: float = knob(144.0, "phased TTT: adapter output scale alpha/r")
     ttt_mask: str = knob("k,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o (attention "
@@ -3919,7 +3919,8 @@ def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtim
     order = np.concatenate(batches)
     counts = val.bytes.to(rt.device)
     generator = torch.Generator().manual_seed(hp.seed + rt.rank)
-    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True) if rt.compile else model.forward_logits
+    logits_fn = (torch.compile(model.forward_logits, dynamic=False, fullgraph=True)  # warm_up_phased built its graphs
+                 if rt.compile else model.forward_logits)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     model.eval()
     model.requires_grad_(False)

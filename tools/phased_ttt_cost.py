@@ -5,7 +5,8 @@
 
 Document lengths come from VAL_SHARD's BOS positions; with --docs and --targets they are stretched to that many
 documents of that total (the shard's lengths cycled, then scaled to the wanted mean: the shape of its length
-distribution is kept, its scale is FineWeb's), or with --lognormal SIGMA drawn log-normal of that shape. The model shape and the TTT knobs are train_gpt.py's, from the
+distribution is kept, its scale is FineWeb's), or with --lognormal SIGMA drawn log-normal of that shape.
+The model shape and the TTT knobs are train_gpt.py's, from the
 environment (defaults otherwise). Arithmetic, not a measurement: it runs no model. It walks the batches exactly as
 phased_ttt_eval does (ttt_batches, padded window widths, assign_batches over the ranks, phase_ends) and counts
 
@@ -119,14 +120,16 @@ def main() -> None:
           f"{np.median(lengths):.0f}, p90 {np.percentile(lengths, 90):.0f}, max {lengths.max():,}")
     print(f"shape: {hp.num_layers} layers x {hp.model_dim}, {tg.GPT(hp).plan.num_slots} virtual, vocab "
           f"{hp.vocab_size}: {mat / 1e6:.1f} MFLOP/token of matmuls, {attn / 1e3:.1f} kFLOP/token per key of context")
+    widths = tg.ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)
     print(f"knobs: chunk {hp.ttt_chunk_size}, context {hp.ttt_eval_seq_len}, batch {hp.ttt_batch_size}, rank "
-          f"{hp.ttt_lora_rank}, widths {tg.ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)}, prefix "
-          f"{hp.phased_ttt_prefix_docs} docs in {hp.phased_ttt_num_phases} phase(s)")
+          f"{hp.ttt_lora_rank}, widths {widths}, prefix {hp.phased_ttt_prefix_docs} docs in "
+          f"{hp.phased_ttt_num_phases} phase(s)")
     total_fwd = sum(x["fwd"] for x in work)
     print(f"all ranks: window tokens forwarded {total_fwd:,} (padded; {sum(x['useful'] for x in work):,} unpadded), "
           f"{total_fwd / lengths.sum():.1f} per target; global SGD {sgd:,} targets")
     print(f"most loaded of {args.gpus} ranks: {w['fwd']:,} tokens forwarded, {w['bwd']:,} backpropagated, "
-          f"{w['steps']:,} chunk steps; {flops[top] / 1e15:.1f} PFLOP scoring + {sgd_flops / 1e15:.2f} PFLOP global SGD")
+          f"{w['steps']:,} chunk steps; {flops[top] / 1e15:.1f} PFLOP scoring + {sgd_flops / 1e15:.2f} PFLOP "
+          "global SGD")
     compute_s, sgd_s, floor_s = flops[top] / rate, sgd_flops / rate, w["steps"] * args.step_ms / 1000
     print(f"at {args.tflops:.0f} TFLOP/s: scoring {compute_s:.0f} s (latency floor {floor_s:.0f} s at "
           f"{args.step_ms:g} ms/step), global SGD {sgd_s:.1f} s; total ~{max(compute_s, floor_s) + sgd_s:.0f} s")
