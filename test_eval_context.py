@@ -98,23 +98,40 @@ class GuardedTokens(np.ndarray):
 
 
 def record_entry_points(monkeypatch) -> list:
-    """torch.compile becomes the identity; every call of GPT's compiled entry points is recorded with what a
-    compiled graph is guarded on: entry point, train/eval mode, grad mode, loop count, input shapes and strides."""
-    calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    """torch.compile runs its argument uncompiled; every call of GPT's compiled entry points is recorded with what
+    a compiled graph is guarded on: entry point, train/eval mode, grad mode, loop count, input shapes and strides.
+    A compiled module is the module itself (every `forward` counts); a compiled method marks its calls, so eager
+    calls of `forward_logits` (phased TTT's global SGD phase) are not recorded."""
+    calls, compiled = [], []
+
+    def compile_(fn, **kwargs):
+        if isinstance(fn, torch.nn.Module):
+            return fn
+
+        def marked(*args):
+            compiled.append(True)
+            try:
+                return fn(*args)
+            finally:
+                compiled.pop()
+        return marked
+    monkeypatch.setattr(torch, "compile", compile_)
     for name in ("forward", "forward_logits"):
         real = getattr(tg.GPT, name)
 
         def entry(self, *args, _real=real, _name=name):
-            layout = tuple((tuple(a.shape), a.stride()) for a in args)
-            calls.append((_name, self.training, torch.is_grad_enabled(), self.loops, layout))
+            if compiled or _name == "forward":
+                layout = tuple((tuple(a.shape), a.stride()) for a in args)
+                calls.append((_name, self.training, torch.is_grad_enabled(), self.loops, layout))
             return _real(self, *args)
         monkeypatch.setattr(tg.GPT, name, entry)
     return calls
 
 
-def test_warm_up_runs_every_shape_the_timed_evaluation_runs_on_random_tokens(tiny_data, tmp_path, monkeypatch):
-    hp, model, val = eval_setup(tiny_data, VAL_BATCH_TOKENS=8 * 64 * 3, TTT_ENABLED=1, EVAL_LOOPS="0", NGRAM_TILT=1)
+def warm_and_timed_calls(tiny_data, tmp_path, monkeypatch, **overrides) -> tuple[list, set, tg.RunLog, str]:
+    """evaluate_artifact with a compiling runtime whose torch.compile compiles nothing: the compiled entry points'
+    calls made in the warm-up (which must not read a validation token) and while timed, the log and its text."""
+    hp, model, val = eval_setup(tiny_data, **overrides)
     path = tmp_path / "a.ptz"
     path.write_bytes(tg.serialize_artifact(tg.quantize_state(model, {}, hp), hp))
     monkeypatch.chdir(tmp_path)
@@ -140,12 +157,42 @@ def test_warm_up_runs_every_shape_the_timed_evaluation_runs_on_random_tokens(tin
         guarded[:5]
     GuardedTokens.state["warming"] = False
     tg.evaluate_artifact(path, val, 0.0, hp, rt, log)
-    timed = set(calls)
+    return warm_calls, set(calls), log, (tmp_path / "logs" / f"{hp.run_id}.txt").read_text()
+
+
+def test_warm_up_runs_every_shape_the_timed_evaluation_runs_on_random_tokens(tiny_data, tmp_path, monkeypatch):
+    warm_calls, timed, _, _ = warm_and_timed_calls(tiny_data, tmp_path, monkeypatch, VAL_BATCH_TOKENS=8 * 64 * 3,
+                                                TTT_ENABLED=1, EVAL_LOOPS="0", NGRAM_TILT=1)
     assert warm_calls and timed and timed <= set(warm_calls)
     assert {c[0] for c in timed} == {"forward", "forward_logits"} and {c[1] for c in timed} == {False, True}
     assert len({c[4] for c in timed if c[0] == "forward" and not c[1]}) == 2  # plain eval: full batch and tail
     assert {c[4][0][1] for c in timed if c[1]} == {(65, 1)}  # TTT's inputs are slices of 65-token rows
     assert {c[3] for c in timed} == {0, 1}  # EVAL_LOOPS=0 and NUM_LOOPS=1
+
+
+def test_warm_up_runs_every_shape_of_phased_ttt_and_the_timer_counts_each_logged_phase(tiny_data, tmp_path,
+                                                                                        monkeypatch):
+    warm_calls, timed, log, text = warm_and_timed_calls(
+        tiny_data, tmp_path, monkeypatch, TTT_ENABLED=1, TTT_MODE="phased", TTT_EVAL_SEQ_LEN=64, TTT_CHUNK_SIZE=8,
+        TTT_BATCH_SIZE=16, TTT_LORA_RANK=4, PHASED_TTT_PREFIX_DOCS=20, SLIDING_WINDOW_ENABLED=0, EVAL_LOOPS="0")
+    assert timed and timed <= set(warm_calls)
+    phased = {c for c in timed if c[0] == "forward_logits"}  # the plain score is `forward`; phased TTT is all of these
+    assert {c[1:4] for c in phased} == {(False, True, 1)}  # eval mode, grad on (the adapters), NUM_LOOPS=1
+    # 100 documents in batches of 16: 6 of 16 and one of 4; windows padded to 8, 16, 32 or 64 tokens
+    assert {c[4][0][0] for c in phased} == {(16, w) for w in (8, 16, 32, 64)} | {(4, w) for w in (8, 16, 32, 64)}
+    assert "phased TTT documents [4, 16] x widths [8, 16, 32, 64]" in text
+    assert not {c for c in warm_calls if c[0] == "forward" and c[1]}  # no full-TTT step warmed: it does not run
+    # one line per segment and per global phase, each with its time, all inside the timed ttt_eval
+    lines = re.findall(r"^phased_ttt: (segment 1: 20 documents in 2 batches|global phase 1: SGD on the first 20 "
+                       r"documents \(\d+ targets, \d+ steps\)|segment 2: 80 documents in 5 batches)\D* in (\d+)ms$",
+                       text, re.M)
+    assert [line[0][:9] for line in lines] == ["segment 1", "global ph", "segment 2"]
+    metrics = log.result["metrics"]
+    assert sum(int(ms) for _, ms in lines) <= metrics["ttt_eval_ms"]
+    assert metrics["eval_total_ms"] == sum(metrics[k] for k in tg.SCORED_EVAL_PHASES if k in metrics)
+    assert "ttt_eval_ms" in metrics and metrics["eval_graphs_compiled"] == 0
+    checks = tg.compliance(dict(log.result, train_plus_gptq_ms=0, total_bytes=0))
+    assert checks["eval_ms"] == metrics["eval_total_ms"] and checks["eval_under_600s"]
 
 
 def test_eval_timer_counts_artifact_loads_and_every_scored_phase(tiny_data, tmp_path, monkeypatch):

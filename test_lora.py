@@ -101,7 +101,7 @@ def test_phases_end_after_the_batches_holding_each_cumulative_prefix():
 def test_chunk_rows_score_the_chunk_with_the_context_before_it_and_never_train_on_the_last_chunk():
     tokens = np.arange(100)
     starts, lengths = np.array([0, 50]), np.array([20, 9])
-    rows = tg.chunk_rows(tokens, starts, lengths, index=1, chunk=8, context=12)
+    rows = tg.chunk_rows(tokens, starts, lengths, index=1, chunk=8, context=12, growth=2.0)
     # document 0: targets 8..15, window of 12 tokens ending at 16; document 1: targets 8 (its last chunk)
     assert rows.inputs[0].tolist() == list(range(4, 16))
     assert rows.targets[0].tolist() == list(range(5, 17))
@@ -109,6 +109,18 @@ def test_chunk_rows_score_the_chunk_with_the_context_before_it_and_never_train_o
     assert rows.weight[0][rows.scored[0]].tolist() == [1 / 8] * 8 and rows.weight[0][~rows.scored[0]].sum() == 0
     assert (rows.positions[1][rows.scored[1]] + 1).tolist() == [59] and rows.weight[1].sum() == 0
     assert rows.inputs[1, 9:].sum() == 0 and not rows.scored[1, 9:].any()  # right padding
+
+
+def test_chunk_windows_are_padded_to_a_few_widths_fixed_by_the_knobs():
+    assert tg.ttt_window_widths(48, 2560, 2.0) == [48, 96, 192, 384, 768, 1536, 2560]
+    assert tg.ttt_window_widths(48, 2560, 1.5) == [48, 96, 144, 240, 384, 576, 864, 1296, 1968, 2560]
+    assert tg.ttt_window_widths(8, 40, 1.01) == [8, 16, 24, 32, 40]  # at least one chunk wider each time
+    assert tg.ttt_window_widths(8, 8, 2.0) == [8]
+    assert [tg.padded_width(w, 48, 2560, 2.0) for w in (1, 48, 49, 1537, 2560)] == [48, 48, 96, 2560, 2560]
+    rows = tg.chunk_rows(np.arange(100), np.array([0]), np.array([30]), index=2, chunk=8, context=64, growth=2.0)
+    assert rows.inputs.shape == (1, 32)  # a 24-token window (targets 17..24) padded to 32
+    assert rows.inputs[0].tolist() == list(range(24)) + [0] * 8
+    assert not rows.scored[0, 24:].any() and rows.weight[0, 24:].sum() == 0
 
 
 # --- the adapters inside the forward ---------------------------------------------------------------
@@ -239,6 +251,7 @@ def test_adaptation_changes_the_score():
     (dict(TTT_CHUNK_SIZE=0), "TTT_CHUNK_SIZE"),
     (dict(TTT_LORA_RANK=0), "TTT_LORA_RANK"),
     (dict(TTT_LORA_ALPHA=0), "TTT_LORA_ALPHA"),
+    (dict(TTT_WIDTH_GROWTH=1.0), "TTT_WIDTH_GROWTH"),
     (dict(TTT_BETA2=1.0), "TTT_BETA2"),
     (dict(TTT_LORA_LR=-1), "TTT_LORA_LR"),
     (dict(PHASED_TTT_NUM_PHASES=0), "PHASED_TTT_NUM_PHASES"),

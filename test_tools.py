@@ -30,6 +30,7 @@ import compressor_bench  # noqa: E402
 import gpu_doctor  # noqa: E402
 import knob_table  # noqa: E402
 import pack_code  # noqa: E402
+import phased_ttt_cost  # noqa: E402
 import package_record  # noqa: E402
 import plot_runs  # noqa: E402
 import summarize_runs  # noqa: E402
@@ -536,3 +537,21 @@ def test_contexts_find_planted_column_structure_and_count_their_side_information
     assert compressor_bench.permutation_bytes(4) == pytest.approx(math.log2(24) / 8)
     uniform = np.arange(4096) % 16
     assert compressor_bench.conditional_bytes(np.zeros_like(uniform), uniform) == pytest.approx(4096 * 4 / 8)
+
+
+# --- the phased TTT cost projection ----------------------------------------------------------------
+
+
+def test_phased_ttt_cost_counts_each_chunk_window_as_phased_ttt_processes_it():
+    hp = hparams(TTT_CHUNK_SIZE=8, TTT_EVAL_SEQ_LEN=32, TTT_BATCH_SIZE=2, PHASED_TTT_PREFIX_DOCS=2)
+    lengths = np.array([5, 40, 17, 70, 9])
+    work = phased_ttt_cost.rank_work(lengths, hp, gpus=2)
+    # by hand: every document's chunks, each window min(end, 32) tokens ending at the chunk's end
+    windows = sum(min(min(e, n), 32) for n in lengths for e in range(8, n + 8, 8))
+    assert sum(w["useful"] for w in work) == windows
+    # batches (longest first) [70], [17, 40], [5, 9]: 9 + 5 + 2 chunk steps, padded widths 8, 16 or 32
+    assert sum(w["steps"] for w in work) == 16 and all(w["steps"] for w in work)
+    batch = dict(fwd=0, fwd_keys=0, bwd=0, bwd_keys=0, steps=0, useful=0)
+    phased_ttt_cost.add_batch(batch, np.array([17, 9]), hp)
+    assert batch["fwd"] == 2 * (8 + 16 + 32) and batch["bwd"] == 2 * (8 + 16)  # the last chunk is not trained
+    assert phased_ttt_cost.global_sgd_tokens(lengths, hp) == 70 + 17  # the first 2 documents scored

@@ -243,6 +243,9 @@ class Hyperparameters:
     ttt_chunk_size: int = knob(48, "phased TTT: a document's targets are scored, then trained on, this many at a time")
     ttt_eval_seq_len: int = knob(2560, "phased TTT: context of a chunk, the document's tokens ending at the chunk's "
                                        "end; also the row length of the global SGD phases")
+    ttt_width_growth: float = knob(2.0, "phased TTT: chunk windows are padded to widths TTT_CHUNK_SIZE, then each "
+                                        "about this factor wider (in whole chunks), up to TTT_EVAL_SEQ_LEN: one "
+                                        "compiled graph per width; smaller = less padding, more graphs to warm up")
     ttt_lora_rank: int = knob(80, "phased TTT: rank r of each per-document adapter")
     ttt_lora_alpha: float = knob(144.0, "phased TTT: adapter output scale alpha/r")
     ttt_mask: str = knob("q,v,o,mlp,head", "phased TTT: adapted sites, from q, k, v (attention projections), o "
@@ -497,6 +500,7 @@ def check_phased_ttt_config(hp: Hyperparameters) -> None:
     need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
          f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
     need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
+    need(hp, math.isfinite(hp.ttt_width_growth) and hp.ttt_width_growth > 1, "TTT_WIDTH_GROWTH", "must be > 1")
     sites = ttt_sites(hp)
     need(hp, bool(sites) and set(sites) <= set(LORA_SITES) and len(set(sites)) == len(sites), "TTT_MASK",
          f"must be distinct comma-separated sites from {','.join(LORA_SITES)}")
@@ -3819,6 +3823,25 @@ def phase_ends(batches: list[np.ndarray], prefix_docs: int, num_phases: int) -> 
     return phases
 
 
+def ttt_window_widths(chunk: int, context: int, growth: float) -> list[int]:
+    """The widths chunk windows are padded to: `chunk`, then each `growth` times the last rounded up to whole
+    chunks (at least one more), below `context`; then `context`. A short list known from the knobs alone, so the
+    compiled scoring forward has a few static shapes that the warm-up builds before the eval timer: with
+    dynamic=True the adapters' document count (a parameter shape, kept static) still recompiles inside the timer.
+    Right padding is never scored and, attention being causal, changes no scored logit; it costs < growth x on
+    short windows and nothing on full-context ones (BENCHMARKS.md: +8-34% forward tokens at growth 2)."""
+    widths, width = [], min(chunk, context)
+    while width < context:
+        widths.append(width)
+        width = max(width + chunk, -(-math.ceil(width * growth) // chunk) * chunk)
+    return widths + [context]
+
+
+def padded_width(width: int, chunk: int, context: int, growth: float) -> int:
+    """The smallest of ttt_window_widths that holds a `width`-token window."""
+    return next(w for w in ttt_window_widths(chunk, context, growth) if w >= width)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkRows:
     """One chunk of every document of a batch: row r is document r's window (numpy, (docs, width))."""
@@ -3830,15 +3853,15 @@ class ChunkRows:
 
 
 def chunk_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, index: int, chunk: int,
-               context: int) -> ChunkRows:
+               context: int, growth: float) -> ChunkRows:
     """Chunk `index` of each document: targets [index·chunk, end) with end = min((index+1)·chunk, length),
-    inputs the `context` tokens of the document ending at `end` (fewer near its start). Rows of documents
-    with no such chunk are padding."""
+    inputs the `context` tokens of the document ending at `end` (fewer near its start), right-padded to a width
+    of ttt_window_widths(chunk, context, growth). Rows of documents with no such chunk are padding."""
     first = index * chunk
     ends = np.minimum(first + chunk, lengths)
     win = np.maximum(0, ends - context)
     live = first < lengths
-    width = int((ends - win)[live].max())
+    width = padded_width(int((ends - win)[live].max()), chunk, context, growth)
     rows = ChunkRows(*(np.zeros((len(starts), width), dtype=t) for t in (np.int64, np.int64, np.int64, bool, np.float32)))
     for r in np.flatnonzero(live):
         s, n = starts[r] + win[r], ends[r] - win[r]
@@ -3884,9 +3907,9 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
     starts, lengths = docs.starts[rows], docs.lengths[rows]
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     for index in range(-(-int(lengths.max()) // hp.ttt_chunk_size)):
-        chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len)
+        chunk = chunk_rows(tokens, starts, lengths, index, hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)
         x, y, positions, scored, weight = (torch.from_numpy(a).to(rt.device) for a in dataclasses.astuple(chunk))
-        with model.adapted(lora), autocast(rt), torch.set_grad_enabled(bool(chunk.weight.any())):
+        with model.adapted(lora), autocast(rt):  # with grad even when nothing trains: one graph per shape, not two
             logits = logits_fn(x)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
         sums += masked_score(nll.detach(), logits.detach(), x, y, scored, positions, counts, tilt)
@@ -3952,7 +3975,8 @@ def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtim
     order = np.concatenate(batches)
     counts = val.bytes.to(rt.device)
     generator = torch.Generator().manual_seed(hp.seed + rt.rank)
-    logits_fn = torch.compile(model.forward_logits, dynamic=True) if rt.compile else model.forward_logits
+    logits_fn = (torch.compile(model.forward_logits, dynamic=False, fullgraph=True)  # warm_up_phased built its graphs
+                 if rt.compile else model.forward_logits)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     model.eval()
     model.requires_grad_(False)
@@ -3994,7 +4018,8 @@ def timed_eval(label: str, fn, log: RunLog, rt: Runtime) -> tuple[float, float, 
 # --- Compile warm-up of the evaluation, outside the eval timer (spec §7.6). Each compiled graph the timed
 # evaluation runs (one per entry point, mode, loop count and batch shape) is built first on random tokens from
 # a seeded generator, never on validation tokens (a record was flagged for warming on them): the warm-up is
-# given only the stream's length, which fixes the shapes. It runs a throwaway model of the same architecture:
+# given only the stream's length and document count, which fix the shapes. It runs a throwaway model of the same
+# architecture (and throwaway adapters: a fresh BatchedLora of the same shape reuses the graph, checked on CPU):
 # compiled code is cached on GPT's methods and guarded on shapes, modes and flags, not on the instance, so the
 # artifact's model (and TTT's fresh copy) reuse it. Without compilation there is nothing to warm up.
 
@@ -4019,8 +4044,32 @@ def ttt_step_rows(num_tokens: int, hp: Hyperparameters, rt: Runtime) -> list[int
     return sorted(rows - {0})
 
 
-def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
-    """Compile every graph of the timed evaluation of a `num_tokens` stream, on random tokens."""
+def phased_batch_rows(num_docs: int, hp: Hyperparameters) -> list[int]:
+    """The distinct document counts of phased TTT's batches of `num_docs` documents (TTT_BATCH_SIZE and the rest)."""
+    return sorted({min(hp.ttt_batch_size, num_docs - i) for i in range(0, num_docs, hp.ttt_batch_size)})
+
+
+def warm_up_phased(model: GPT, tokens: Callable[[int, int], Tensor], rows: list[int], hp: Hyperparameters,
+                   rt: Runtime, generator: torch.Generator) -> list[int]:
+    """Compile phased TTT's scoring forward with adapters and its backward at every (documents, padded width)
+    on throwaway adapters, as score_document_batch runs them (eval mode, frozen base weights, grad on). The
+    AdamW step and the global SGD phase run eagerly: nothing to compile. Returns the widths."""
+    widths = ttt_window_widths(hp.ttt_chunk_size, hp.ttt_eval_seq_len, hp.ttt_width_growth)
+    logits_fn = torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
+    model.eval()
+    model.requires_grad_(False)
+    for docs, width in itertools.product(rows, widths):
+        lora = BatchedLora(lora_shapes(model, ttt_sites(hp)), docs, hp.ttt_lora_rank, hp.ttt_lora_alpha, generator)
+        x = tokens(docs, width)
+        with model.adapted(lora.to(rt.device)), autocast(rt):
+            logits = logits_fn(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), x.flatten()).backward()
+    return widths
+
+
+def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog, num_docs: int) -> None:
+    """Compile every graph of the timed evaluation of a `num_tokens` stream of `num_docs` documents (the count
+    matters only to phased TTT), on random tokens."""
     if not rt.compile:
         log("eval_warmup: skipped (COMPILE off, nothing to compile)")
         return
@@ -4045,20 +4094,24 @@ def warm_up_eval(num_tokens: int, hp: Hyperparameters, rt: Runtime, log: RunLog)
                 net(flat[:-1].view(-1, seq_len), flat[1:].view(-1, seq_len))
         if hp.sliding_window_enabled:
             logits_fn(tokens(sliding_batch, seq_len))  # `score_windows`: a padded [batch, seq_len] array
-    ttt_rows = ttt_step_rows(num_tokens, hp, rt) if hp.ttt_enabled and hp.ttt_epochs > 0 else []
+    phased = hp.ttt_enabled and hp.ttt_mode == "phased"
+    ttt_rows = ttt_step_rows(num_tokens, hp, rt) if hp.ttt_enabled and not phased and hp.ttt_epochs > 0 else []
     model.train()
     for rows in ttt_rows:
         chunk = tokens(rows, seq_len + 1)  # `ttt_step`: slices of [rows, seq_len + 1]
         with autocast(rt):
             loss = net(chunk[:, :-1], chunk[:, 1:])
         loss.backward()
+    doc_rows = phased_batch_rows(num_docs, hp) if phased else []
+    widths = warm_up_phased(model, tokens, doc_rows, hp, rt, generator) if phased else []
     del model, net, logits_fn
     synchronize(rt.device)
     if rt.distributed:
         dist.barrier()  # every rank starts the eval timer together
     log(f"eval_warmup: random tokens (seed {EVAL_WARMUP_SEED}), seq_len {hp.eval_seq_len}: plain batches {plain} "
         f"at loops {list(dict.fromkeys((hp.num_loops, *hp.eval_loops)))}, sliding batch "
-        f"{sliding_batch if hp.sliding_window_enabled else '-'}, TTT steps {ttt_rows}; "
+        f"{sliding_batch if hp.sliding_window_enabled else '-'}, TTT steps {ttt_rows}, phased TTT documents "
+        f"{doc_rows} x widths {widths}; "
         f"{compiled_graph_count() - graphs} graph(s) compiled in {time.perf_counter() - t0:.1f}s (not timed)")
 
 
@@ -4095,7 +4148,8 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyp
                       log: RunLog) -> None:
     """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT (full or
     phased: its metrics are ttt_*, whichever mode)."""
-    warm_up_eval(len(val.tokens), hp, rt, log)
+    phased = hp.ttt_enabled and hp.ttt_mode == "phased"  # its shapes need the document count, not the tokens
+    warm_up_eval(len(val.tokens), hp, rt, log, len(val_documents(val.tokens).starts) if phased else 0)
     graphs = compiled_graph_count()
     model = timed_load("artifact_load", path, hp, rt, log)
     net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
