@@ -9,7 +9,6 @@ bytes. Knobs come from the environment like train_gpt.py (see README.md here for
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,32 +16,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "2026-11-25_CPU_Budget_Fitter"))
 import train_gpt as tg  # noqa: E402
+from study import score, setup, train  # noqa: E402  (the budget-fitter study's: same model, same training)
 
 SPARE_BYTES = (5_000, 10_000, 20_000)
-
-
-def setup() -> tuple[tg.Hyperparameters, tg.Runtime, tg.RunLog, tg.Validation]:
-    hp = tg.Hyperparameters.from_env(os.environ)
-    rt = tg.init_runtime(hp, os.environ)
-    log = tg.RunLog(hp, rt, Path(tg.__file__).read_text())
-    return hp, rt, log, tg.load_validation(hp, tg.load_tokenizer(hp), log)
-
-
-def train(out: Path) -> None:
-    hp, rt, log, val = setup()
-    trainer = tg.Trainer(hp, rt, log)
-    trainer.warm_up()
-    trainer.train(val, tg.gptq_reserve_seconds(trainer, hp, rt, log))
-    with trainer.model.looping(hp.num_loops):
-        hessians = tg.collect_hessians(trainer.model, trainer.calibration_batches(hp.gptq_calibration_batches), rt)
-    torch.save(dict(state=trainer.model.state_dict(), hessians=hessians), out)
-
-
-def score(quantized: dict, hp: tg.Hyperparameters, rt: tg.Runtime, val: tg.Validation) -> float:
-    model = tg.GPT(hp, rt.attn_backend, rt.activation_dtype)
-    model.load_state_dict(tg.dequantize_state(quantized), strict=True)
-    return tg.evaluate(model, val, hp, rt)[1]
 
 
 def uniform_control(model: tg.GPT, hessians: dict, hp: tg.Hyperparameters, budget: int) -> tuple[dict, int, float]:
