@@ -437,13 +437,15 @@ def test_issue13_ablation_rows_and_configs(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader((tmp_path / "t.tsv").open(), delimiter="\t"))
-    assert [r["label"] for r in rows][:2] == ["old", "new"] and len(rows) == 10
+    assert [r["label"] for r in rows][:3] == ["new", "old", "new_no_docattn"] and len(rows) == 12
     for r in rows:
         assert (r["seed"], r["steps"], r["ms_per_step"], r["post_bpb"]) == ("7", "150", "820", "2.6")
         assert float(r["load1"]) >= 0
         args = (tmp_path / "runs" / f"{r['label']}_s7" / "args").read_text().split()
         # cpu_quality.sh's 4-layer model, with the driver's settings on top, is a valid configuration
         tg.check_config(hparams(**{**CPU_QUALITY, **dict(a.split("=", 1) for a in args)}), world_size=1)
+    old_args = set((tmp_path / "runs" / "old_s7" / "args").read_text().split())
+    assert {"DOC_ATTENTION=0", "LQER_ENABLED=0"} <= old_args  # both came after the 04-09 stack
     bad = subprocess.run(["bash", str(TOOLS / "issue13_ablation.sh"), str(tmp_path / "u.tsv"), "nope"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config 'nope'" in bad.stderr
