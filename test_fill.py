@@ -48,6 +48,10 @@ def fill(hp, model, q, hessians):
     return fitted, blob, report, lines
 
 
+def summary(lines: list[str]) -> str:
+    return next(line for line in lines if line.startswith("budget_fill: limit "))
+
+
 def sizes_agree_with_decisions(report: dict) -> None:
     """Each decision was kept exactly when its measured size fit, and the kept sizes add up to the result."""
     size = report["before"]
@@ -84,7 +88,7 @@ def test_every_decision_is_logged_with_its_predictions_and_measurement():
                 f"{d['predicted_error']:+.4g}; measured {d['measured_bytes']:+d}") in line
         assert ("kept" if d["accepted"] else "over, dropped") in line and "MLP_CLIP_SIGMAS" in line and "EMBED_CLIP_SIGMAS" in line
     assert re.match(rf"budget_fill: limit {hp.artifact_limit_bytes} - margin 1000 = target {report['target']}; "
-                    rf"before {report['before']} after {report['after']} bytes", lines[-1])
+                    rf"before {report['before']} after {report['after']} bytes", summary(lines))
 
 
 @pytest.mark.parametrize("heavy, first", [("tok_emb.weight", "EMBED_CLIP_SIGMAS"), ("blocks.0.mlp.fc.weight", "MLP_CLIP_SIGMAS")])
@@ -178,17 +182,21 @@ def test_filler_with_one_lever_lands_under_a_lowered_limit(lever, spare, slack):
     assert len(blob) <= report["target"] and report["hessian_error"] < 0
     # within the slack, or stopped (and said so) with less left than a step costs (lzma: +200...+420 bytes per rank)
     left = report["target"] - len(blob)
-    assert left <= slack or (lines[-2].endswith("; stopping") and left <= 2 * slack)
+    assert left <= slack or (any(line.endswith("; stopping") for line in lines) and left <= 2 * slack)
     sizes_agree_with_decisions(report)
     assert_same_entry(tg.parse_artifact(blob, hp), fitted)
     tries = [line for line in lines if line.startswith("budget_fill: try ")]
     for k, (line, d) in enumerate(zip(tries, report["fill"]), 1):
         assert line.startswith(f"budget_fill: try {k}/{hp.budget_fill_tries}: {lever} {d['step']}: predicted +")
     kept = [d["step"] for d in report["fill"] if d["accepted"]]
-    assert all(f"{lever} {step}" in lines[-1] for step in kept)
+    assert all(f"{lever} {step}" in summary(lines) for step in kept)
+    now = "".join(line for line in lines if line.startswith("budget_fill: now quantized: "))
     if lever == "lqer":
         ranks = lambda state: sum(tg.lqer_rank(e) for e in state.values() if "codes" in e)
         assert ranks(fitted) == ranks(q) + len(kept)
+        assert all(f"{name} rank {tg.lqer_rank(e)}" in now for name, e in fitted.items() if "lqer" in e)
+    else:
+        assert all(f"{name}[{start}:" in now for name, e in fitted.items() if "awq" in e for start in e["awq"]["starts"])
 
 
 def test_the_levers_of_a_switched_off_correction_propose_nothing():

@@ -3114,7 +3114,7 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
 # and stops within BUDGET_FILL_SLACK_BYTES of the target or after BUDGET_FILL_TRIES compressions.
 
 FILL_CLIP_NOTCH = 0.02  # one step of the clip lever tightens one group's clip sigmas by at most 2%
-FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of the measured-to-entropy byte ratio (brotli is not smooth in small steps)
+FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of a lever's measured-to-predicted byte ratio (brotli is not smooth in small steps)
 FILL_AWQ_MATRICES = 4  # the awq lever prices the next group of this many matrices per round (a GPTQ run each)
 FILL_LOG_CANDIDATES = 8  # candidates named in a try's log line (the lqer lever has one per calibrated matrix)
 
@@ -3238,8 +3238,8 @@ def per_matrix_lever(names: Callable[[dict[str, dict], Hyperparameters], list[st
 def lqer_step(weights: dict[str, Tensor], hessians: dict[str, Tensor], current: dict[str, dict], name: str,
               group: int) -> Optional[FillStep]:
     """One more LQER rank on one matrix (rank 0 -> 1: a new correction), refitted to its codes' error; None if
-    that removes no error. The bytes are lqer_bytes' information size of the factors, not the codes' entropy:
-    the factors are stored as int8 containers in the part every coder leaves to brotli."""
+    that removes no error. The bytes are lqer_bytes' information size of the factors, not an entropy of codes:
+    the factors' int8 containers are compressed by the generic coder (pergroup leaves them to brotli)."""
     before, rank = current[name], lqer_rank(current[name])
     rows, cols = before["codes"].shape
     after = refit_lqer(name, before, weights, hessians, rank + 1, group) if rank < min(rows, cols) else before
@@ -3366,6 +3366,8 @@ def fill_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, T
         + (", ".join([f"{k} {v:.4g}" for k, v in report["knobs"].items()]
                      + [f"{d['lever']} {d['step']}" for d in kept if d["lever"] != "clip"]) or "artifact unchanged")
         + f"); predicted Hessian-weighted error {report['hessian_error']:+.4g}; {len(decisions)} compressions in {report['seconds']}s")
+    for line in describe_corrections(filled) if kept else []:
+        log(f"budget_fill: now {line}")
     return filled, blob, report
 
 
