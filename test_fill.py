@@ -146,15 +146,24 @@ def test_each_lever_proposes_steps_whose_entries_round_trip_exactly(lever):
     for step in steps:
         (name,) = step.after
         before, after = q[name], step.after[name]
-        if lever == "lqer":  # one rank more, on the same codes
-            assert tg.lqer_rank(after) == tg.lqer_rank(before) + 1 and torch.equal(after["codes"], before["codes"])
+        if lever == "lqer":  # LQER_RANK ranks more, on the same codes
+            assert tg.lqer_rank(after) == tg.lqer_rank(before) + hp.lqer_rank and torch.equal(after["codes"], before["codes"])
         else:  # one AWQ-lite group more, the LQER correction (if any) kept at its rank
             assert len(after["awq"]["starts"]) == len(before.get("awq", {}).get("starts", [])) + 1
             assert tg.lqer_rank(after) == tg.lqer_rank(before)
         back = tg.parse_artifact(tg.serialize_artifact({**q, **step.after}, hp), hp)
         assert_same_entry(back[name], after, name)
-    if lever == "lqer":  # the corrected matrix one rank up, and a new rank-1 correction on each other one
-        assert sorted(s.what.split(" LQER rank ")[1] for s in steps) == ["0 -> 1", "0 -> 1", "4 -> 5"]
+    if lever == "lqer":  # the corrected matrix LQER_RANK=4 ranks up, and a new rank-4 correction on each other one
+        assert sorted(s.what.split(" LQER rank ")[1] for s in steps) == ["0 -> 4", "0 -> 4", "4 -> 8"]
+
+
+def test_an_lqer_step_scaled_down_adds_fewer_ranks_and_none_below_one():
+    _, _, q, _, steps = proposals("lqer")
+    step = next(s for s in steps if s.what.endswith("rank 4 -> 8"))
+    half, quarter = step.smaller(0.5), step.smaller(0.26)
+    assert half.what.endswith("rank 4 -> 6") and quarter.what.endswith("rank 4 -> 5")
+    assert quarter.bytes < half.bytes <= 0.5 * step.bytes and half.error < quarter.error < 0 and half.applies_to(q)
+    assert step.smaller(0.2) is None  # one rank is a quarter of four
 
 
 @pytest.mark.parametrize("lever", ["lqer", "awq"])
@@ -193,7 +202,7 @@ def test_filler_with_one_lever_lands_under_a_lowered_limit(lever, spare, slack):
     now = "".join(line for line in lines if line.startswith("budget_fill: now quantized: "))
     if lever == "lqer":
         ranks = lambda state: sum(tg.lqer_rank(e) for e in state.values() if "codes" in e)
-        assert ranks(fitted) == ranks(q) + len(kept)
+        assert ranks(fitted) == ranks(q) + sum(int(s.split(" -> ")[1]) - int(s.split()[-3]) for s in kept)
         assert all(f"{name} rank {tg.lqer_rank(e)}" in now for name, e in fitted.items() if "lqer" in e)
     else:
         assert all(f"{name}[{start}:" in now for name, e in fitted.items() if "awq" in e for start in e["awq"]["starts"])
@@ -211,11 +220,11 @@ def test_the_levers_of_a_switched_off_correction_propose_nothing():
 
 def test_a_clip_step_keeps_a_raised_lqer_rank():
     hp, model, q, hessians, steps = proposals("lqer")
-    up = next(s for s in steps if s.what.endswith("rank 4 -> 5"))
+    up = next(s for s in steps if s.what.endswith("rank 4 -> 8"))
     (name,) = up.after
     clip = tg.fill_levers(model, hessians, tg.dataclasses.replace(hp, budget_fill_levers="clip"))[0]
     step = next(s for s in clip({**q, **up.after}, hp) if name in s.after)
-    assert tg.lqer_rank(step.after[name]) == 5 and not torch.equal(step.after[name]["codes"], q[name]["codes"])
+    assert tg.lqer_rank(step.after[name]) == 8 and not torch.equal(step.after[name]["codes"], q[name]["codes"])
 
 
 @pytest.mark.parametrize("env, message", [(dict(BUDGET_FILL_TRIES=0), "BUDGET_FILL_TRIES=0: must be >= 1"),
