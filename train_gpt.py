@@ -3244,8 +3244,10 @@ def lqer_step(weights: dict[str, Tensor], hessians: dict[str, Tensor], current: 
     before, rank = current[name], lqer_rank(current[name])
     rows, cols = before["codes"].shape
     more = min(more, min(rows, cols) - rank)
-    after = refit_lqer(name, before, weights, hessians, rank + more, group) if more >= 1 else before
-    if lqer_rank(after) != rank + more or more < 1:
+    if more < 1:
+        return None
+    after = refit_lqer(name, before, weights, hessians, rank + more, group)
+    if lqer_rank(after) != rank + more:  # add_lqer drops a correction that removes no error
         return None
 
     def added(ranks: int) -> int:
@@ -3312,8 +3314,8 @@ def fill_levers(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) ->
 def best_fill_step(levers: list[Lever], current: dict[str, dict], hp: Hyperparameters, aim: float,
                    ratios: dict[str, float]) -> tuple[Optional[FillStep], list[FillStep]]:
     """The step that removes the most error per byte, its predicted bytes times its lever's measured-to-predicted
-    ratio, scaled down to `aim` such bytes if larger (one that cannot be scaled that far gives way to the next); and every
-    candidate, best first, for the log."""
+    ratio, scaled down to `aim` such bytes if larger (one that cannot be scaled that far gives way to the next);
+    and every candidate, best first, for the log."""
     candidates = sorted((s for lever in levers for s in lever(current, hp)), key=lambda s: s.gain / ratios[s.lever],
                         reverse=True)
     for step in candidates:
@@ -3358,7 +3360,8 @@ def fill_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tens
         log(describe_fill_try(decisions, hp.budget_fill_tries, len(trial), budget, candidates, ratios))
         if step.bytes > 0 and measured > 0:  # the ratio of sums: one small step's size is noisy (brotli: ±0.3 KB)
             sums[step.lever] = [sums[step.lever][0] + measured, sums[step.lever][1] + step.bytes]
-            ratios[step.lever] = min(max(sums[step.lever][0] / sums[step.lever][1], FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
+            ratio = sums[step.lever][0] / sums[step.lever][1]
+            ratios[step.lever] = min(max(ratio, FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
         if decisions[-1]["accepted"]:
             quantized, blob = {**quantized, **step.after}, trial
             knobs.update(step.knobs)
