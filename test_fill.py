@@ -208,6 +208,18 @@ def test_filler_with_one_lever_lands_under_a_lowered_limit(lever, spare, slack):
         assert all(f"{name}[{start}:" in now for name, e in fitted.items() if "awq" in e for start in e["awq"]["starts"])
 
 
+def test_each_lever_calibrates_its_own_predicted_bytes(monkeypatch):
+    true_size = tg.lqer_bytes
+    monkeypatch.setattr(tg, "lqer_bytes", lambda *shape: true_size(*shape) / 3)  # the lqer lever under-predicts 3x
+    hp, model, q, hessians, _ = filler_setup(spare=4000, env=CORRECTED, budget_fill_levers="clip,lqer",
+                                             budget_fill_tries=4)
+    _, _, report, _ = fill(hp, model, q, hessians)
+    first, then = report["fill"][0], next((d for d in report["fill"] if d["lever"] == "clip"), None)
+    assert first["lever"] == "lqer" and first["measured_bytes"] > 2 * first["predicted_bytes"]
+    # lqer's 3x ratio is not applied to the clip lever's entropy prediction (which it would overstate ~3x)
+    assert then is not None and 0.5 < then["measured_bytes"] / then["predicted_bytes"] < 2, report["fill"]
+
+
 def test_the_levers_of_a_switched_off_correction_propose_nothing():
     off = (("LQER_ENABLED", 0), ("AWQ_LITE_ENABLED", 0))
     _, _, q, _, steps = proposals("clip,lqer,awq", off)
