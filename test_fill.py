@@ -18,10 +18,10 @@ MATRICES = ("tok_emb.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weigh
 
 
 @functools.lru_cache(maxsize=None)
-def gptq_state(compressor: str, heavy: str):
-    """The one-layer model, a Hessian per GPTQ'd matrix (the `heavy` one's times 1e4), GPTQ's state and its size.
-    Cached: the filler changes none of them."""
-    hp = hparams(**ONE_LAYER, COMPRESSOR=compressor)
+def gptq_state(compressor: str, heavy: str, env: tuple = ()):
+    """The one-layer model, a Hessian per GPTQ'd matrix (the `heavy` one's times 1e4), GPTQ's state and its size,
+    with the (KNOB, value) pairs of `env`. Cached: the filler changes none of them."""
+    hp = hparams(**ONE_LAYER, COMPRESSOR=compressor, **dict(env))
     torch.manual_seed(0)
     model = tg.GPT(hp)
     randomize(model)
@@ -32,12 +32,13 @@ def gptq_state(compressor: str, heavy: str):
     return hp, model, q, hessians, len(tg.serialize_artifact(q, hp))
 
 
-def filler_setup(spare: int, compressor: str = "lzma", heavy: str = "", **knobs):
-    """gptq_state with hp whose target is GPTQ's compressed size + spare (code bytes are 0 here). lzma is
-    ~2.5x faster than brotli-11 on this state."""
-    hp, model, q, hessians, base = gptq_state(compressor, heavy)
+def filler_setup(spare: int, compressor: str = "lzma", heavy: str = "", env: tuple = (), **knobs):
+    """gptq_state with hp whose target is GPTQ's compressed size + spare (code bytes are 0 here), the clip lever
+    alone unless knobs say otherwise. lzma is ~2.5x faster than brotli-11 on this state."""
+    hp, model, q, hessians, base = gptq_state(compressor, heavy, env)
     hp = tg.dataclasses.replace(hp, artifact_limit_bytes=base + spare + 1000, budget_margin_bytes=1000,
-                                **{"budget_fill": True, "budget_fill_slack_bytes": 500, "budget_fill_tries": 8, **knobs})
+                                **{"budget_fill": True, "budget_fill_slack_bytes": 500, "budget_fill_tries": 8,
+                                   "budget_fill_levers": "clip", **knobs})
     return hp, model, q, hessians, base
 
 
@@ -45,6 +46,10 @@ def fill(hp, model, q, hessians):
     lines = []
     fitted, blob, report = tg.fit_to_budget(model, q, hessians, hp, 0, lines.append)
     return fitted, blob, report, lines
+
+
+def summary(lines: list[str]) -> str:
+    return next(line for line in lines if line.startswith("budget_fill: limit "))
 
 
 def sizes_agree_with_decisions(report: dict) -> None:
@@ -83,7 +88,7 @@ def test_every_decision_is_logged_with_its_predictions_and_measurement():
                 f"{d['predicted_error']:+.4g}; measured {d['measured_bytes']:+d}") in line
         assert ("kept" if d["accepted"] else "over, dropped") in line and "MLP_CLIP_SIGMAS" in line and "EMBED_CLIP_SIGMAS" in line
     assert re.match(rf"budget_fill: limit {hp.artifact_limit_bytes} - margin 1000 = target {report['target']}; "
-                    rf"before {report['before']} after {report['after']} bytes", lines[-1])
+                    rf"before {report['before']} after {report['after']} bytes", summary(lines))
 
 
 @pytest.mark.parametrize("heavy, first", [("tok_emb.weight", "EMBED_CLIP_SIGMAS"), ("blocks.0.mlp.fc.weight", "MLP_CLIP_SIGMAS")])
@@ -113,10 +118,134 @@ def test_filling_off_or_within_the_slack_leaves_the_artifact_byte_identical():
         assert not any(line.startswith("budget_fill: try") for line in lines)
 
 
+# GPTQ's state with one LQER correction (rank 4) and one AWQ-lite group, for the lqer and awq levers
+CORRECTED = (("AWQ_LITE_ENABLED", 1), ("AWQ_LITE_GROUP_TOP_K", 1), ("LQER_TOP_K", 1))
+
+
+def proposals(levers: str, env: tuple = CORRECTED):
+    """filler_setup's state and the steps that BUDGET_FILL_LEVERS=levers propose on it."""
+    hp, model, q, hessians, _ = filler_setup(spare=5000, env=env, budget_fill_levers=levers)
+    return hp, model, q, hessians, [step for lever in tg.fill_levers(model, hessians, hp) for step in lever(q, hp)]
+
+
+def assert_same_entry(got: dict, want: dict, where: str = "") -> None:
+    assert got.keys() == want.keys(), where
+    for key, value in want.items():
+        if isinstance(value, dict):
+            assert_same_entry(got[key], value, f"{where}.{key}")
+        elif torch.is_tensor(value):
+            assert torch.equal(got[key], value) and got[key].dtype == value.dtype, f"{where}.{key}"
+        else:
+            assert got[key] == value, f"{where}.{key}"
+
+
+@pytest.mark.parametrize("lever", ["lqer", "awq"])
+def test_each_lever_proposes_steps_whose_entries_round_trip_exactly(lever):
+    hp, _, q, _, steps = proposals(lever)
+    assert steps and all(s.lever == lever and s.applies_to(q) and s.bytes > 0 and not s.knobs for s in steps)
+    for step in steps:
+        (name,) = step.after
+        before, after = q[name], step.after[name]
+        if lever == "lqer":  # LQER_RANK ranks more, on the same codes
+            assert tg.lqer_rank(after) == tg.lqer_rank(before) + hp.lqer_rank and torch.equal(after["codes"], before["codes"])
+        else:  # one AWQ-lite group more, the LQER correction (if any) kept at its rank
+            assert len(after["awq"]["starts"]) == len(before.get("awq", {}).get("starts", [])) + 1
+            assert tg.lqer_rank(after) == tg.lqer_rank(before)
+        back = tg.parse_artifact(tg.serialize_artifact({**q, **step.after}, hp), hp)
+        assert_same_entry(back[name], after, name)
+    if lever == "lqer":  # the corrected matrix LQER_RANK=4 ranks up, and a new rank-4 correction on each other one
+        assert sorted(s.what.split(" LQER rank ")[1] for s in steps) == ["0 -> 4", "0 -> 4", "4 -> 8"]
+
+
+def test_an_lqer_step_scaled_down_adds_fewer_ranks_and_none_below_one():
+    _, _, q, _, steps = proposals("lqer")
+    step = next(s for s in steps if s.what.endswith("rank 4 -> 8"))
+    half, quarter = step.smaller(0.5), step.smaller(0.26)
+    assert half.what.endswith("rank 4 -> 6") and quarter.what.endswith("rank 4 -> 5")
+    assert quarter.bytes < half.bytes <= 0.5 * step.bytes and half.error < quarter.error < 0 and half.applies_to(q)
+    assert step.smaller(0.2) is None  # one rank is a quarter of four
+
+
+@pytest.mark.parametrize("lever", ["lqer", "awq"])
+def test_a_lever_step_lowers_the_hessian_weighted_output_error_it_predicts(lever):
+    hp, model, q, hessians, steps = proposals(lever)
+    weights = model.state_dict()
+
+    def error(entry: dict, name: str) -> float:  # tr(ΔW H ΔWᵀ) of the weights a loader would build
+        delta = weights[name] - tg.dequantize_entry(entry)
+        return torch.trace(delta @ hessians[name] @ delta.T).item()
+
+    for step in steps:
+        (name,) = step.after
+        back = tg.parse_artifact(tg.serialize_artifact({**q, **step.after}, hp), hp)[name]
+        before, after = error(q[name], name), error(back, name)
+        assert after < before and step.error == pytest.approx(after - before, rel=1e-3), step.what
+
+
+@pytest.mark.parametrize("lever, spare, slack", [("lqer", 2000, 500), ("awq", 12000, 3000)])
+def test_filler_with_one_lever_lands_under_a_lowered_limit(lever, spare, slack):
+    hp, model, q, hessians, base = filler_setup(spare=spare, env=CORRECTED, budget_fill_levers=lever,
+                                                budget_fill_slack_bytes=slack)
+    fitted, blob, report, lines = fill(hp, model, q, hessians)
+    assert report["method"] == "fill" and {d["lever"] for d in report["fill"]} == {lever} and report["knobs"] == {}
+    assert len(blob) <= report["target"] and report["hessian_error"] < 0
+    # within the slack, or stopped (and said so) with less left than a step costs (lzma: +200...+420 bytes per rank)
+    left = report["target"] - len(blob)
+    assert left <= slack or (any(line.endswith("; stopping") for line in lines) and left <= 2 * slack)
+    sizes_agree_with_decisions(report)
+    assert_same_entry(tg.parse_artifact(blob, hp), fitted)
+    tries = [line for line in lines if line.startswith("budget_fill: try ")]
+    for k, (line, d) in enumerate(zip(tries, report["fill"]), 1):
+        assert line.startswith(f"budget_fill: try {k}/{hp.budget_fill_tries}: {lever} {d['step']}: predicted +")
+    kept = [d["step"] for d in report["fill"] if d["accepted"]]
+    assert all(f"{lever} {step}" in summary(lines) for step in kept)
+    now = "".join(line for line in lines if line.startswith("budget_fill: now quantized: "))
+    if lever == "lqer":
+        ranks = lambda state: sum(tg.lqer_rank(e) for e in state.values() if "codes" in e)
+        assert ranks(fitted) == ranks(q) + sum(int(s.split(" -> ")[1]) - int(s.split()[-3]) for s in kept)
+        assert all(f"{name} rank {tg.lqer_rank(e)}" in now for name, e in fitted.items() if "lqer" in e)
+    else:
+        assert all(f"{name}[{start}:" in now for name, e in fitted.items() if "awq" in e for start in e["awq"]["starts"])
+
+
+def test_each_lever_calibrates_its_own_predicted_bytes(monkeypatch):
+    true_size = tg.lqer_bytes
+    monkeypatch.setattr(tg, "lqer_bytes", lambda *shape: true_size(*shape) / 3)  # the lqer lever under-predicts 3x
+    hp, model, q, hessians, _ = filler_setup(spare=4000, env=CORRECTED, budget_fill_levers="clip,lqer",
+                                             budget_fill_tries=4)
+    _, _, report, _ = fill(hp, model, q, hessians)
+    first, then = report["fill"][0], next((d for d in report["fill"] if d["lever"] == "clip"), None)
+    assert first["lever"] == "lqer" and first["measured_bytes"] > 2 * first["predicted_bytes"]
+    # lqer's 3x ratio is not applied to the clip lever's entropy prediction (which it would overstate ~3x)
+    assert then is not None and 0.5 < then["measured_bytes"] / then["predicted_bytes"] < 2, report["fill"]
+
+
+def test_the_levers_of_a_switched_off_correction_propose_nothing():
+    off = (("LQER_ENABLED", 0), ("AWQ_LITE_ENABLED", 0))
+    _, _, q, _, steps = proposals("clip,lqer,awq", off)
+    assert steps and {s.lever for s in steps} == {"clip"}
+    hp, model, q, hessians, _ = filler_setup(spare=3000, env=off, budget_fill_levers="lqer,awq")
+    fitted, blob, report, lines = fill(hp, model, q, hessians)
+    assert fitted is q and report["method"] == "none" and lines[0].startswith("budget_fill: no step left")
+    assert not any("lqer" in e or "awq" in e for e in fitted.values())
+
+
+def test_a_clip_step_keeps_a_raised_lqer_rank():
+    hp, model, q, hessians, steps = proposals("lqer")
+    up = next(s for s in steps if s.what.endswith("rank 4 -> 8"))
+    (name,) = up.after
+    clip = tg.fill_levers(model, hessians, tg.dataclasses.replace(hp, budget_fill_levers="clip"))[0]
+    step = next(s for s in clip({**q, **up.after}, hp) if name in s.after)
+    assert tg.lqer_rank(step.after[name]) == 8 and not torch.equal(step.after[name]["codes"], q[name]["codes"])
+
+
 @pytest.mark.parametrize("env, message", [(dict(BUDGET_FILL_TRIES=0), "BUDGET_FILL_TRIES=0: must be >= 1"),
                                           (dict(BUDGET_FILL_SLACK_BYTES=-1), "BUDGET_FILL_SLACK_BYTES=-1"),
                                           (dict(ARTIFACT_LIMIT_BYTES=5000, BUDGET_MARGIN_BYTES=1000,
-                                                BUDGET_FILL_SLACK_BYTES=4000), "BUDGET_FILL_SLACK_BYTES=4000")])
+                                                BUDGET_FILL_SLACK_BYTES=4000), "BUDGET_FILL_SLACK_BYTES=4000"),
+                                          (dict(BUDGET_FILL_LEVERS="clip,rank"), "BUDGET_FILL_LEVERS='clip,rank'"),
+                                          (dict(BUDGET_FILL_LEVERS="lqer,lqer"), "must be distinct comma-separated"),
+                                          (dict(BUDGET_FILL_LEVERS=" , "), "BUDGET_FILL_LEVERS")])
 def test_fill_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=re.escape(message)):
         tg.check_config(hparams(**env), 1)
@@ -145,5 +274,5 @@ def test_run_fills_a_lowered_limit_and_records_its_decisions(tiny_data, tmp_path
     assert fit["method"] == "fill" and fit["before"] == runs["free"]["total_bytes"]
     assert fit["target"] - 400 <= record["total_bytes"] == fit["after"] <= fit["target"]
     assert record["status"] == "completed" and record["artifact_over_budget"] is False
-    assert len(re.findall(r"^budget_fill: try \d+/8: clip ", log, re.M)) == len(fit["fill"]) == fit["tries"]
+    assert len(re.findall(r"^budget_fill: try \d+/8: (clip|lqer) ", log, re.M)) == len(fit["fill"]) == fit["tries"]
     assert record["metrics"]["post_quant_val_bpb"] != runs["free"]["metrics"]["post_quant_val_bpb"]  # the filled file was read

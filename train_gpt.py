@@ -62,6 +62,7 @@ SUBMISSION_LIMIT_BYTES = 16_000_000  # code + compressed model
 
 COMPRESSORS = ("brotli", "lzma", "pergroup")  # artifact coders (see the quantization & artifact section)
 FIT_METHODS = ("clip", "prune")  # how the budget fitter shrinks an artifact (same section)
+FILL_LEVERS = ("clip", "lqer", "awq")  # what the budget filler may spend spare bytes on (same section)
 COMPRESSOR_PACKAGES = {"pergroup": "constriction"}  # coders that need an optional pip package
 TTT_MODES = ("full", "phased")  # what TTT_ENABLED runs (see the evaluation section)
 LORA_SITES = ("q", "k", "v", "o", "mlp", "head")  # where TTT_MASK may attach adapters (see BatchedLora)
@@ -215,7 +216,8 @@ class Hyperparameters:
                                          "over all GPTQ matrices) get AWQ_LITE_BITS codes with their own row scales "
                                          "inside the same GPTQ solve (needs Hessians)")
     awq_lite_bits: int = knob(8, "bits of the AWQ-lite columns (only matrices with fewer bits are candidates)")
-    awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally")
+    awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally (0: only "
+                                      "BUDGET_FILL's awq lever adds any)")
     awq_lite_group_size: int = knob(64, "consecutive input columns per AWQ-lite group")
     compressor: str = knob("pergroup", "pergroup (codes ANS-coded per tensor role; pip package constriction), brotli (quality 11) or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
@@ -223,7 +225,11 @@ class Hyperparameters:
     budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
     budget_fit_method: str = knob("clip", "how an artifact over budget is shrunk: clip (coarser SDClip steps) or prune (±1 codes)")
     budget_fill: bool = knob(False, "grow an artifact under limit - margin: spend the spare bytes greedily on the step that "
-                                    "removes the most Hessian-weighted error per byte (a tighter clip of one group)")
+                                    "removes the most Hessian-weighted error per byte (see BUDGET_FILL_LEVERS)")
+    budget_fill_levers: str = knob("clip,lqer,awq", "what BUDGET_FILL may spend bytes on: clip (one clip group a notch "
+                                   "tighter), lqer (one more LQER rank on one matrix; only with LQER_ENABLED=1), awq "
+                                   "(one more AWQ-lite column group; only with AWQ_LITE_ENABLED=1, so off by default: "
+                                   "AWQ_LITE_GROUP_TOP_K=0 leaves AWQ-lite to the filler alone)")
     budget_fill_slack_bytes: int = knob(2000, "BUDGET_FILL stops once model + code are within this many bytes under limit - margin")
     budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
                                      "~100 s on one CPU core; pergroup ~2 s)")
@@ -439,6 +445,10 @@ def check_seq_schedule_config(hp: Hyperparameters) -> None:
              f"{REFERENCE_GPUS} micro-batches x {length} = {REFERENCE_GPUS * length}")
 
 
+def fill_lever_names(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(name.strip() for name in hp.budget_fill_levers.split(",") if name.strip())
+
+
 def check_artifact_config(hp: Hyperparameters) -> None:
     need(hp, hp.gptq_calibration_batches >= 0, "GPTQ_CALIBRATION_BATCHES", "must be >= 0")
     need(hp, 2 <= hp.matrix_bits <= 8, "MATRIX_BITS", "must be in 2..8 (codes are stored as int8)")
@@ -464,6 +474,9 @@ def check_artifact_config(hp: Hyperparameters) -> None:
     need(hp, 0 <= hp.budget_fill_slack_bytes < hp.artifact_limit_bytes - hp.budget_margin_bytes, "BUDGET_FILL_SLACK_BYTES",
          "must be >= 0 and below ARTIFACT_LIMIT_BYTES - BUDGET_MARGIN_BYTES")
     need(hp, hp.budget_fill_tries >= 1, "BUDGET_FILL_TRIES", "must be >= 1")
+    levers = fill_lever_names(hp)
+    need(hp, bool(levers) and set(levers) <= set(FILL_LEVERS) and len(set(levers)) == len(levers), "BUDGET_FILL_LEVERS",
+         f"must be distinct comma-separated levers from {','.join(FILL_LEVERS)}")
 
 
 def check_evaluation_config(hp: Hyperparameters) -> None:
@@ -2462,19 +2475,24 @@ LQER_A_CODES = (-2, 1)  # left factor: int2, one fp16 scale per matrix
 LQER_B_CODES = (-8, 7)  # right factor: int4, one fp16 scale per LQER_ASYM_GROUP elements
 
 
-def awq_lite_groups(weights: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, list[int]]:
-    """name -> first columns of its AWQ-lite groups: the global top AWQ_LITE_GROUP_TOP_K groups of
-    AWQ_LITE_GROUP_SIZE consecutive input columns, by summed saliency RMS(x_c) · mean_r |W_rc|.
+def awq_group_saliency(weight: Tensor, hessian: Tensor, hp: Hyperparameters) -> list[tuple[float, int]]:
+    """(summed saliency RMS(x_c) · mean_r |W_rc|, first column) of each group of AWQ_LITE_GROUP_SIZE input columns.
 
     RMS(x_c) ∝ sqrt(H_cc): every Hessian sums x_c² over the same calibration tokens (per batch), except that
     a looped layer's sums over its passes, which weighs its columns by how often the weight is applied.
     """
+    saliency = hessian.diagonal().float().clamp_min(0).sqrt().cpu() * weight.detach().float().abs().mean(dim=0).cpu()
+    return [(saliency[start:start + hp.awq_lite_group_size].sum().item(), start)
+            for start in range(0, len(saliency), hp.awq_lite_group_size)]
+
+
+def awq_lite_groups(weights: dict[str, Tensor], hessians: dict[str, Tensor], hp: Hyperparameters) -> dict[str, list[int]]:
+    """name -> first columns of its AWQ-lite groups: the global top AWQ_LITE_GROUP_TOP_K groups of
+    AWQ_LITE_GROUP_SIZE consecutive input columns, by summed saliency (awq_group_saliency)."""
     candidates = []
     for name, h in hessians.items():
         if is_quantized(weights[name]) and quant_settings(name, hp)[0] < hp.awq_lite_bits:
-            saliency = h.diagonal().float().clamp_min(0).sqrt().cpu() * weights[name].detach().float().abs().mean(dim=0).cpu()
-            candidates += [(saliency[start:start + hp.awq_lite_group_size].sum().item(), name, start)
-                           for start in range(0, len(saliency), hp.awq_lite_group_size)]
+            candidates += [(value, name, start) for value, start in awq_group_saliency(weights[name], h, hp)]
     chosen = {}
     for _, name, start in sorted(candidates, reverse=True)[:hp.awq_lite_group_top_k]:
         chosen.setdefault(name, []).append(start)
@@ -3087,13 +3105,18 @@ def search_amount(shrinker: Shrinker, hp: Hyperparameters, base_bytes: int, budg
 # --- Budget filler (issue 14, BUDGET_FILL=1): grow an artifact that is under the target. The records tune
 # their clips by hand and leave 8-100 KB unused; the filler spends those bytes where they buy the most.
 # A lever proposes steps; each step knows the entries it replaces, their new values, its predicted bytes
-# (the change of the codes' order-0 entropy, calibrated by the exact sizes measured so far) and its
-# predicted change of GPTQ's objective, the Hessian-weighted output error. The filler takes the step that
+# and its predicted change of GPTQ's objective, the Hessian-weighted output error. The levers
+# (BUDGET_FILL_LEVERS): clip (one group's clip sigmas a notch tighter), lqer (one more LQER rank on one
+# matrix) and awq (one more AWQ-lite column group on one matrix). Each lever predicts bytes its own way
+# (clip, awq: the change of the codes' order-0 entropy; lqer: the factors' information size), so each has
+# its own measured-to-predicted ratio, calibrated by the exact sizes of its steps. The filler takes the step that
 # removes the most error per byte, measures it with one exact compression, keeps it only if it fits,
 # and stops within BUDGET_FILL_SLACK_BYTES of the target or after BUDGET_FILL_TRIES compressions.
 
 FILL_CLIP_NOTCH = 0.02  # one step of the clip lever tightens one group's clip sigmas by at most 2%
-FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of the measured-to-entropy byte ratio (brotli is not smooth in small steps)
+FILL_RATIO_RANGE = (0.25, 4.0)  # bounds of a lever's measured-to-predicted byte ratio (brotli is not smooth in small steps)
+FILL_AWQ_MATRICES = 4  # the awq lever prices the next group of this many matrices per round (a GPTQ run each)
+FILL_LOG_CANDIDATES = 8  # candidates named in a try's log line (the lqer lever has one per calibrated matrix)
 
 
 @dataclasses.dataclass
@@ -3104,9 +3127,10 @@ class FillStep:
     before: dict[str, dict]  # the current entries the step replaces; it applies only while they are current
     after: dict[str, dict]
     knobs: dict[str, float]  # the Hyperparameters fields it changes
-    bytes: float  # predicted bytes added: the change of the codes' order-0 entropy
+    bytes: float  # predicted bytes added, in the lever's own measure (see above), before calibration
     error: float  # predicted change of the Hessian-weighted output error (negative: better)
-    smaller: Optional[Callable[[float], "FillStep"]] = None  # the same step scaled to a fraction of its size
+    smaller: Optional[Callable[[float], Optional["FillStep"]]] = None  # the same step at most a fraction of its size
+    # (None where no smaller step exists)
 
     @property
     def gain(self) -> float:
@@ -3132,21 +3156,36 @@ def output_error(weights: dict[str, Tensor], quantized: dict[str, dict], hessian
     return total
 
 
+def error_change(weights: dict[str, Tensor], before: dict[str, dict], after: dict[str, dict],
+                 hessians: dict[str, Tensor]) -> float:
+    """What replacing the entries `before` by `after` adds to output_error (negative: it removes error)."""
+    return output_error(weights, after, hessians) - output_error(weights, before, hessians)
+
+
 def clip_knob_of(name: str) -> str:
     """The clip-sigma knob of a quantized tensor: the embedding's (or untied head's), else its group's."""
     return "embed_clip_sigmas" if name in ("tok_emb.weight", "lm_head.weight") else clip_group(name)
 
 
+def lqer_rank(entry: dict) -> int:
+    """The rank of an entry's LQER correction (0: none). Stored per entry, so the filler may raise one matrix's."""
+    return entry["lqer"]["a_codes"].shape[1] if "lqer" in entry else 0
+
+
+def refit_lqer(name: str, entry: dict, weights: dict[str, Tensor], hessians: dict[str, Tensor], rank: int,
+               group: int) -> dict:
+    """`entry` with a rank-`rank` LQER correction fitted to its codes' error (none if it would remove no error)."""
+    return add_lqer({name: entry}, weights, {name: hessians[name]}, 1, rank, group)[name]
+
+
 def requantize(names: list[str], weights: dict[str, Tensor], hessians: dict[str, Tensor], current: dict[str, dict],
-               hp: Hyperparameters) -> dict[str, dict]:
-    """GPTQ re-run on `names` under hp's clips, keeping each matrix's corrections: its AWQ-lite columns, and
-    an LQER correction refitted to the new codes where it had one."""
-    after = {name: quantize_matrix(name, weights[name], hessians.get(name), hp,
-                                   current[name].get("awq", {}).get("starts", [])) for name in names}
-    corrected = {name: hessians[name] for name in names if "lqer" in current[name]}
-    if corrected:
-        after = add_lqer(after, weights, corrected, len(corrected), hp.lqer_rank, hp.lqer_asym_group)
-    return after
+               hp: Hyperparameters, awq_starts: Optional[dict[str, list[int]]] = None) -> dict[str, dict]:
+    """GPTQ re-run on `names` under hp's clips, keeping each matrix's corrections: its AWQ-lite columns (or
+    those `awq_starts` gives it), and an LQER correction of the same rank refitted to the new codes where it had one."""
+    starts = {name: current[name].get("awq", {}).get("starts", []) for name in names} | (awq_starts or {})
+    after = {name: quantize_matrix(name, weights[name], hessians.get(name), hp, starts[name]) for name in names}
+    return {name: refit_lqer(name, q, weights, hessians, lqer_rank(current[name]), hp.lqer_asym_group)
+            if "lqer" in current[name] else q for name, q in after.items()}
 
 
 def clip_step(model: GPT, hessians: dict[str, Tensor], current: dict[str, dict], hp: Hyperparameters,
@@ -3158,8 +3197,7 @@ def clip_step(model: GPT, hessians: dict[str, Tensor], current: dict[str, dict],
     before = {name: current[name] for name in names}
     after = requantize(names, weights, hessians, current, tighter)
     return FillStep("clip", f"{knob.upper()} {getattr(hp, knob):.4g} -> {sigmas:.4g}", before, after, {knob: sigmas},
-                    entropy_bytes(after) - entropy_bytes(before),
-                    output_error(weights, after, hessians) - output_error(weights, before, hessians),
+                    entropy_bytes(after) - entropy_bytes(before), error_change(weights, before, after, hessians),
                     lambda f: clip_step(model, hessians, current, hp, knob, names, fraction * f))
 
 
@@ -3181,54 +3219,149 @@ def clip_lever(model: GPT, hessians: dict[str, Tensor]) -> Lever:
     return propose
 
 
-def fill_levers(model: GPT, hessians: dict[str, Tensor]) -> list[Lever]:
-    """The levers the filler may pull. LQER rank (one more rank on the matrix whose residual it helps most) and
-    AWQ (one more salient-channel group) join here when they land, each as one function like clip_lever."""
-    return [clip_lever(model, hessians)]
+def per_matrix_lever(names: Callable[[dict[str, dict], Hyperparameters], list[str]],
+                     make: Callable[[dict[str, dict], Hyperparameters, str], Optional[FillStep]]) -> Lever:
+    """A lever with at most one step per matrix that `names` lists, made by `make`. A matrix's step (or its lack of
+    one) is reused while its entry is unchanged, so a round re-fits only the matrices the last kept step changed."""
+    cache: dict[str, tuple[dict, Optional[FillStep]]] = {}
+
+    def propose(current: dict[str, dict], hp: Hyperparameters) -> list[FillStep]:
+        steps = []
+        for name in names(current, hp):
+            if name not in cache or cache[name][0] is not current[name]:
+                cache[name] = (current[name], make(current, hp, name))
+            steps += [cache[name][1]] if cache[name][1] is not None else []
+        return steps
+
+    return propose
 
 
-def best_fill_step(levers: list[Lever], current: dict[str, dict], hp: Hyperparameters,
-                   allowance: float) -> tuple[Optional[FillStep], list[FillStep]]:
-    """The step that removes the most error per byte, scaled down to `allowance` predicted bytes if larger (one
-    that cannot be scaled gives way to the next); and every candidate, best first, for the log."""
-    candidates = sorted((s for lever in levers for s in lever(current, hp)), key=lambda s: s.gain, reverse=True)
+def lqer_step(weights: dict[str, Tensor], hessians: dict[str, Tensor], current: dict[str, dict], name: str,
+              group: int, more: int) -> Optional[FillStep]:
+    """`more` LQER ranks on one matrix (from rank 0: a new correction), refitted to its codes' error; None if that
+    removes no error. Scaled down, it adds fewer ranks (None below one). The bytes are lqer_bytes' information size
+    of the factors, not an entropy of codes: their int8 containers go to the generic coder (pergroup: brotli)."""
+    before, rank = current[name], lqer_rank(current[name])
+    rows, cols = before["codes"].shape
+    more = min(more, min(rows, cols) - rank)
+    if more < 1:
+        return None
+    after = refit_lqer(name, before, weights, hessians, rank + more, group)
+    if lqer_rank(after) != rank + more:  # add_lqer drops a correction that removes no error
+        return None
+
+    def added(ranks: int) -> int:
+        return lqer_bytes(rows, cols, rank + ranks, group) - (lqer_bytes(rows, cols, rank, group) if rank else 0)
+
+    def smaller(fraction: float) -> Optional[FillStep]:
+        fits = [k for k in range(1, more) if added(k) <= fraction * added(more)]
+        return lqer_step(weights, hessians, current, name, group, fits[-1]) if fits else None
+
+    return FillStep("lqer", f"{name} LQER rank {rank} -> {rank + more}", {name: before}, {name: after}, {}, added(more),
+                    error_change(weights, {name: before}, {name: after}, hessians), smaller)
+
+
+def lqer_lever(model: GPT, hessians: dict[str, Tensor]) -> Lever:
+    """One step per Hessian-calibrated matrix: its LQER correction LQER_RANK ranks higher (a new one at LQER_RANK, as
+    quantize_state fits them), or fewer where the bytes left are fewer. Steps of one rank (~0.4 KB measured on a
+    4 x 160 model, ±0.3 KB of brotli noise) spent 6 of 20 spare KB in 16 tries: each try costs a compression."""
+    weights = model.state_dict()
+    return per_matrix_lever(lambda current, hp: [name for name in hessians if "codes" in current[name]],
+                            lambda current, hp, name: lqer_step(weights, hessians, current, name, hp.lqer_asym_group,
+                                                                hp.lqer_rank))
+
+
+def awq_step(weights: dict[str, Tensor], hessians: dict[str, Tensor], current: dict[str, dict], hp: Hyperparameters,
+             name: str, start: int) -> FillStep:
+    """GPTQ re-run on one matrix with one more AWQ-lite group (AWQ_LITE_BITS codes inside the same solve; an LQER
+    correction is refitted). Bytes: the codes' entropy change, plus the fp16 fine row scales of a first group."""
+    before = {name: current[name]}
+    after = requantize([name], weights, hessians, current, hp,
+                       {name: sorted(current[name].get("awq", {}).get("starts", []) + [start])})
+    scales = 0 if "awq" in current[name] else 2 * current[name]["codes"].shape[0]
+    return FillStep("awq", f"{name}[{start}:{start + hp.awq_lite_group_size}] int{hp.awq_lite_bits}", before, after, {},
+                    entropy_bytes(after) - entropy_bytes(before) + scales, error_change(weights, before, after, hessians))
+
+
+def awq_lever(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> Lever:
+    """One step on each of the FILL_AWQ_MATRICES matrices whose most salient group not yet AWQ-lite is the most
+    salient (awq_group_saliency, which picks AWQ_LITE_ENABLED's groups too): that group added."""
+    weights = model.state_dict()
+    ranked = {name: sorted(awq_group_saliency(weights[name], h, hp), reverse=True) for name, h in hessians.items()
+              if is_quantized(weights[name]) and quant_settings(name, hp)[0] < hp.awq_lite_bits}
+
+    def next_group(current: dict[str, dict], name: str) -> Optional[tuple[float, int]]:
+        taken = current[name].get("awq", {}).get("starts", [])
+        return next(((value, start) for value, start in ranked[name] if start not in taken), None)
+
+    def names(current: dict[str, dict], hp: Hyperparameters) -> list[str]:
+        best = {name: group for name in ranked if (group := next_group(current, name)) is not None}
+        return sorted(best, key=lambda name: best[name][0], reverse=True)[:FILL_AWQ_MATRICES]
+
+    return per_matrix_lever(names, lambda current, hp, name: awq_step(weights, hessians, current, hp, name,
+                                                                       next_group(current, name)[1]))
+
+
+def fill_levers(model: GPT, hessians: dict[str, Tensor], hp: Hyperparameters) -> list[Lever]:
+    """The levers BUDGET_FILL_LEVERS names, less lqer without LQER_ENABLED=1 and awq without AWQ_LITE_ENABLED=1: the
+    filler grows a correction only where the run has switched it on, so that an ablation's "off" stays off."""
+    enabled = dict(clip=True, lqer=hp.lqer_enabled, awq=hp.awq_lite_enabled)
+    make = dict(clip=lambda: clip_lever(model, hessians), lqer=lambda: lqer_lever(model, hessians),
+                awq=lambda: awq_lever(model, hessians, hp))
+    return [make[name]() for name in fill_lever_names(hp) if enabled[name]]
+
+
+def best_fill_step(levers: list[Lever], current: dict[str, dict], hp: Hyperparameters, aim: float,
+                   ratios: dict[str, float]) -> tuple[Optional[FillStep], list[FillStep]]:
+    """The step that removes the most error per byte, its predicted bytes times its lever's measured-to-predicted
+    ratio, scaled down to `aim` such bytes if larger (one that cannot be scaled that far gives way to the next);
+    and every candidate, best first, for the log."""
+    candidates = sorted((s for lever in levers for s in lever(current, hp)), key=lambda s: s.gain / ratios[s.lever],
+                        reverse=True)
     for step in candidates:
         if step.error >= 0:
             break  # sorted by gain: no later candidate removes error either
+        allowance = aim / ratios[step.lever]
         if step.bytes <= allowance:
             return step, candidates
-        if step.smaller is not None:
-            return step.smaller(allowance / step.bytes), candidates
+        smaller = step.smaller(allowance / step.bytes) if step.smaller is not None else None
+        if smaller is not None:
+            return smaller, candidates
     return None, candidates
 
 
-def describe_fill_try(decisions: list[dict], tries: int, size: int, budget: int, candidates: list[FillStep]) -> str:
+def describe_fill_try(decisions: list[dict], tries: int, size: int, budget: int, candidates: list[FillStep],
+                      ratios: dict[str, float]) -> str:
     """The log line of the latest try: the step, its predictions, the measured size, and every candidate's gain."""
     d = decisions[-1]
     return (f"budget_fill: try {len(decisions)}/{tries}: {d['lever']} {d['step']}: predicted +{d['predicted_bytes']} "
             f"bytes, Hessian-weighted error {d['predicted_error']:+.4g}; measured {d['measured_bytes']:+d} -> {size} of "
             f"{budget} model bytes: {'kept' if d['accepted'] else 'over, dropped'} (error removed per byte by each "
-            f"candidate: " + ", ".join(f"{c.what} {c.gain:.3g}" for c in candidates) + ")")
+            f"candidate: " + ", ".join(f"{c.what} {c.gain / ratios[c.lever]:.3g}" for c in candidates[:FILL_LOG_CANDIDATES])
+            + (f", {len(candidates) - FILL_LOG_CANDIDATES} more" if len(candidates) > FILL_LOG_CANDIDATES else "") + ")")
 
 
 def fill_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, Tensor], hp: Hyperparameters,
                 blob: bytes, budget: int, log: Callable[[str], None]) -> tuple[dict[str, dict], bytes, dict, list[dict]]:
     """Greedy steps toward `budget` model bytes, each measured by one exact compression and kept only if it fits.
     Returns the state, its bytes, the knobs the kept steps set, and every decision."""
-    levers, knobs, decisions, ratio = fill_levers(model, hessians), {}, [], 1.0
+    levers, knobs, decisions, ratios = fill_levers(model, hessians, hp), {}, [], dict.fromkeys(FILL_LEVERS, 1.0)
+    sums = {lever: [0.0, 0.0] for lever in FILL_LEVERS}  # measured and predicted bytes of each lever's steps so far
     while len(decisions) < hp.budget_fill_tries and budget - len(blob) > hp.budget_fill_slack_bytes:
         aim = budget - len(blob) - hp.budget_fill_slack_bytes / 2  # aim at the middle of the slack
-        step, candidates = best_fill_step(levers, quantized, dataclasses.replace(hp, **knobs), aim / ratio)
+        step, candidates = best_fill_step(levers, quantized, dataclasses.replace(hp, **knobs), aim, ratios)
         if step is None or step.error >= 0:
             log(f"budget_fill: no step left that removes error within {aim:.0f} bytes; stopping")
             break
         trial = serialize_artifact({**quantized, **step.after}, hp)
         measured = len(trial) - len(blob)
-        decisions.append(dict(lever=step.lever, step=step.what, predicted_bytes=round(step.bytes * ratio),
+        decisions.append(dict(lever=step.lever, step=step.what, predicted_bytes=round(step.bytes * ratios[step.lever]),
                               predicted_error=step.error, measured_bytes=measured, accepted=len(trial) <= budget))
-        log(describe_fill_try(decisions, hp.budget_fill_tries, len(trial), budget, candidates))
-        if step.bytes > 0 and measured > 0:
-            ratio = min(max(measured / step.bytes, FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
+        log(describe_fill_try(decisions, hp.budget_fill_tries, len(trial), budget, candidates, ratios))
+        if step.bytes > 0 and measured > 0:  # the ratio of sums: one small step's size is noisy (brotli: ±0.3 KB)
+            sums[step.lever] = [sums[step.lever][0] + measured, sums[step.lever][1] + step.bytes]
+            ratio = sums[step.lever][0] / sums[step.lever][1]
+            ratios[step.lever] = min(max(ratio, FILL_RATIO_RANGE[0]), FILL_RATIO_RANGE[1])
         if decisions[-1]["accepted"]:
             quantized, blob = {**quantized, **step.after}, trial
             knobs.update(step.knobs)
@@ -3247,8 +3380,11 @@ def fill_to_budget(model: GPT, quantized: dict[str, dict], hessians: dict[str, T
     log(f"budget_fill: limit {hp.artifact_limit_bytes} - margin {hp.budget_margin_bytes} = target {report['target']}; "
         f"before {report['before']} after {report['after']} bytes ({report['target'] - report['after']} left, slack "
         f"{hp.budget_fill_slack_bytes}); {len(kept)} of {len(decisions)} steps kept ("
-        + (", ".join(f"{k} {v:.4g}" for k, v in report["knobs"].items()) or "artifact unchanged")
+        + (", ".join([f"{k} {v:.4g}" for k, v in report["knobs"].items()]
+                     + [f"{d['lever']} {d['step']}" for d in kept if d["lever"] != "clip"]) or "artifact unchanged")
         + f"); predicted Hessian-weighted error {report['hessian_error']:+.4g}; {len(decisions)} compressions in {report['seconds']}s")
+    for line in describe_corrections(filled) if kept else []:
+        log(f"budget_fill: now {line}")
     return filled, blob, report
 
 
