@@ -557,3 +557,22 @@ def test_phased_ttt_cost_counts_each_chunk_window_as_phased_ttt_processes_it():
     phased_ttt_cost.add_batch(batch, np.array([17, 9]), hp)
     assert batch["fwd"] == 2 * (8 + 16 + 32) and batch["bwd"] == 2 * (8 + 16)  # the last chunk is not trained
     assert phased_ttt_cost.global_sgd_tokens(lengths, hp) == 70 + 17  # the first 2 documents scored
+
+
+def test_other_phase_work_counts_what_evaluate_and_score_first_eval_run():
+    hp = hparams(EVAL_SEQ_LEN=16, EVAL_STRIDE=8, TTT_CHUNK_TOKENS=64, VAL_BATCH_TOKENS=8 * 16 * 2, TTT_EPOCHS=3)
+    work = phased_ttt_cost.other_phase_work(hp, targets=200, gpus=2)
+    # by hand: 12 whole sequences, 6 per rank; windows start at 0, 8, ..., 184 (24, each padded to 16), 12 per rank
+    assert work["post_quant_eval"] == dict(fwd=6 * 16, train=0, steps=0)
+    assert work["sliding_eval"] == dict(fwd=12 * 16, train=0, steps=0)
+    assert len(tg.sliding_windows(200, 16, 8)) == 24
+    # 4 chunks of 64, the last never trained on; each of the 3 holds 4 sequences = 2 steps of 2 (1 per rank); 3 epochs
+    assert work["full_ttt_eval"] == dict(fwd=12 * 16, train=3 * 3 * 2 * 16, steps=3 * 3 * 2)
+
+
+def test_projected_configurations_sum_the_phases_the_evaluation_times():
+    counted = {k.removesuffix("_ms") for k in tg.SCORED_EVAL_PHASES}
+    for name, phases in phased_ttt_cost.CONFIGURATIONS.items():
+        assert {p.removeprefix("full_").removeprefix("phased_") for p in phases} <= counted, name
+    assert ("ngram_hint" in phased_ttt_cost.CONFIGURATIONS["phased TTT + tilt"]
+            and "sliding_eval" in phased_ttt_cost.CONFIGURATIONS["full TTT"])
