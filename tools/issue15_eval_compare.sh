@@ -14,9 +14,15 @@
 #   phased   TTT_ENABLED=1 TTT_MODE=phased (per-document LoRA TTT, its defaults but TTT_EVAL_SEQ_LEN=128: the
 #            phased context may not exceed the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN) = 128 here)
 #   tilt     phased + NGRAM_TILT=1 (the tilt applies to the sliding window and the phased TTT scores)
+# and, when METHODS names it (METHODS="sliding full phased tilt phased_b4"):
+#   phased_b4  phased with TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=8 and no sliding window: at the defaults the
+#              small validation's 21 documents are one batch and never reach a global SGD phase; here 6 batches and
+#              a global phase after the first 8 documents
 # Every eval-only run also computes the plain and sliding scores (SLIDING_WINDOW_ENABLED=1, needed by full TTT):
 # each row's eval_total counts every phase that ran, as a submission with those knobs would.
 # Then it prints the table of ROOT: bpb and each timed phase (ms) from each run's logs/<method>.json.
+# The whole body is one function, read before it runs: editing this file mid-run is safe.
+main() {
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bench="$here/../shared/bench/cpu_quality.sh"
@@ -31,10 +37,9 @@ phases = ("artifact_load_ms", "post_quant_eval_ms", "ngram_hint_ms", "sliding_ev
 print("| seed | method | post-quant bpb | sliding bpb | TTT bpb | " + " | ".join(p[:-3] for p in phases) + " |")
 print("|---|---|" + "---:|" * (3 + len(phases)))
 for root in map(Path, sys.argv[1:]):
-    for method in ("sliding", "full", "phased", "tilt"):
+    for method in ("sliding", "full", "phased", "tilt", "phased_b4"):
         path = root / method / "logs" / f"{method}.json"
         if not path.is_file():
-            print(f"| {root.name} | {method} | (no {path}) |")
             continue
         result = json.loads(path.read_text())
         m, seed = result["metrics"], result["hyperparameters"]["seed"]
@@ -59,8 +64,10 @@ declare -A knobs=(
   [full]="TTT_ENABLED=1 TTT_MODE=full"
   [phased]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128"
   [tilt]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 NGRAM_TILT=1"
+  [phased_b4]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=8 SLIDING_WINDOW_ENABLED=0"
 )
-for method in sliding full phased tilt; do
+for method in ${METHODS:-sliding full phased tilt}; do
+  [[ -n "${knobs[$method]+x}" ]] || { echo "$0: unknown method '$method' in METHODS" >&2; exit 2; }
   [[ -f "$root/$method/logs/$method.json" ]] && grep -q '"status": "completed"' "$root/$method/logs/$method.json" \
     && continue  # finished earlier: rerunning would only repeat it
   # shellcheck disable=SC2086  # the knobs are KEY=VALUE words
@@ -68,3 +75,5 @@ for method in sliding full phased tilt; do
     RUN_ID="$method" EVAL_ARTIFACT="$artifact" ${knobs[$method]}
 done
 table "$root"
+}
+main "$@"

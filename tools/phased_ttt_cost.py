@@ -2,7 +2,7 @@
 """Count the work of phased LoRA TTT (TTT_MODE=phased) on a validation set and project its time on 8 GPUs.
 
     python3 tools/phased_ttt_cost.py VAL_SHARD [--docs 50000 --targets 40540160] [--gpus 8] [--tflops 350]
-        [--all-phases [--rates 350,220,100] [--load-s 1.6] [--hint-s-per-m 0.21] [--full-step-ms 63]]
+        [--all-phases [--rates 350,220,100] [--load-s 2.3] [--hint-s-per-m 0.2] [--full-step-ms 63]]
 
 Document lengths come from VAL_SHARD's BOS positions; with --docs and --targets they are stretched to that many
 documents of that total (the shard's lengths cycled, then scaled to the wanted mean: the shape of its length
@@ -193,8 +193,8 @@ def main() -> None:
     parser.add_argument("--all-phases", action="store_true",
                         help="also project every counted phase of the evaluation and each configuration's total")
     parser.add_argument("--rates", default="350,220,100", help="--all-phases: sustained TFLOP/s per GPU to tabulate")
-    parser.add_argument("--load-s", type=float, default=1.6, help="--all-phases: seconds of one artifact load")
-    parser.add_argument("--hint-s-per-m", type=float, default=0.21,
+    parser.add_argument("--load-s", type=float, default=2.3, help="--all-phases: seconds of one artifact load")
+    parser.add_argument("--hint-s-per-m", type=float, default=0.2,
                         help="--all-phases: seconds of the n-gram hints per million targets (rank 0, one core)")
     parser.add_argument("--full-step-ms", type=float, default=63.0,
                         help="--all-phases: latency floor of one full-weight TTT step (gradient all-reduce, SGD)")
