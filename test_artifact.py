@@ -1,5 +1,6 @@
 """Tests of quantization, the artifact and post-quantization evaluation (CPU, the real train_gpt.py)."""
 
+import hashlib
 import json
 import math
 import re
@@ -588,7 +589,7 @@ def test_eval_artifact_scores_a_runs_own_file_exactly_as_that_run_did(tiny_data,
     assert f"eval_artifact: scoring {artifact.name} ({len(blob)} bytes); training and GPTQ skipped" in log
     assert "train_time_ms" not in scored and "GPTQ:" not in log and not re.search(r"^\d+/\d+ train_loss", log, re.M)
     assert scored["eval_artifact"] == dict(path=str(artifact.resolve()), bytes=len(blob),
-                                           sha256=__import__("hashlib").sha256(blob).hexdigest())
+                                           sha256=hashlib.sha256(blob).hexdigest())
     assert "quantization_gap_bpb" not in scored["metrics"] and "pre_quant_val_bpb" not in scored["metrics"]
     metrics = scored["metrics"]
     eval_ms = sum(metrics[k] for k in tg.SCORED_EVAL_PHASES if k in metrics)
@@ -596,10 +597,14 @@ def test_eval_artifact_scores_a_runs_own_file_exactly_as_that_run_did(tiny_data,
     assert scored["compliance"] == dict(eval_under_600s=True, eval_ms=eval_ms)
 
 
-def test_eval_artifact_missing_file_is_a_config_error_naming_the_variable(tmp_path):
+def test_eval_artifact_missing_file_is_a_config_error_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main_in_process(monkeypatch, dict(SMALL_RUN, EVAL_ARTIFACT="nope.ptz"))
+    assert str(exit_info.value.code) == ("train_gpt.py: configuration error: EVAL_ARTIFACT='nope.ptz': must be an "
+                                         "existing artifact file, e.g. a finished run's final_model.int6.ptz")
+    assert not (tmp_path / "logs").exists()  # stopped before anything ran
     hp = hparams(EVAL_ARTIFACT=tmp_path / "nope.ptz")
-    with pytest.raises(tg.ConfigError, match=r"^EVAL_ARTIFACT='.*nope\.ptz': must be an existing artifact file"):
-        tg.check_evaluation_config(hp)
     (tmp_path / "nope.ptz").write_bytes(b"")
     tg.check_evaluation_config(hp)  # existence is all the configuration checks; the parse checks the rest
 
