@@ -34,7 +34,7 @@ import phased_ttt_cost  # noqa: E402
 import package_record  # noqa: E402
 import plot_runs  # noqa: E402
 import summarize_runs  # noqa: E402
-from runlogs import Run  # noqa: E402
+from runlogs import Run, RunLogError  # noqa: E402
 
 # A fixed number of steps with the loop switch at a step: no clock in the schedule, so reruns repeat.
 FIXED = dict(E2E, ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, ENABLE_LOOPING_AT_STEP=6, WARMUP_STEPS=0,
@@ -353,6 +353,14 @@ def test_package_refuses_a_script_the_logs_did_not_run(sweep, tmp_path, capsys):
 def test_student_t_tail_matches_closed_forms(t):
     assert package_record.student_t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, abs=1e-12)
     assert package_record.student_t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
+
+
+def test_package_refuses_eval_only_runs():
+    runs = [Run(Path(f"{seed}.json"), {"run_id": f"s{seed}", "status": "completed", "hyperparameters": {"seed": seed},
+                                       "eval_artifact": {"path": "final_model.int6.ptz"} if seed == 42 else None})
+            for seed in (1337, 42)]
+    with pytest.raises(RunLogError, match=r"eval-only runs \(EVAL_ARTIFACT\) are not a submission.*: s42$"):
+        package_record.check_runs(runs, SCRIPT)
 
 
 def test_significance_converts_bpb_to_nats_with_the_logged_ratio():
