@@ -1,5 +1,6 @@
 """Tests of quantization, the artifact and post-quantization evaluation (CPU, the real train_gpt.py)."""
 
+import hashlib
 import json
 import math
 import re
@@ -567,3 +568,56 @@ def test_gptq_runs_its_matmuls_in_full_fp32_and_restores_tf32():
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# --- EVAL_ARTIFACT: score an existing artifact without training ------------------------------------
+
+
+def test_eval_artifact_scores_a_runs_own_file_exactly_as_that_run_did(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = dict(SMALL_RUN, DATA_DIR=tiny_data["root"], SLIDING_WINDOW_ENABLED=1, EVAL_STRIDE=16)
+    main_in_process(monkeypatch, dict(env, RUN_ID="trained"))
+    trained = json.loads((tmp_path / "logs" / "trained.json").read_text())
+    artifact = tmp_path / "final_model.int6.ptz"
+    blob = artifact.read_bytes()
+    main_in_process(monkeypatch, dict(env, RUN_ID="scored", EVAL_ARTIFACT=artifact.name, SEED=7))
+    scored = json.loads((tmp_path / "logs" / "scored.json").read_text())
+    log = (tmp_path / "logs" / "scored.txt").read_text()
+    for key in ("post_quant_val_loss", "post_quant_val_bpb", "sliding_val_bpb"):
+        assert scored["metrics"][key] == trained["metrics"][key], key
+    assert artifact.read_bytes() == blob  # read, never rewritten
+    assert f"eval_artifact: scoring {artifact.name} ({len(blob)} bytes); training and GPTQ skipped" in log
+    assert "train_time_ms" not in scored and "GPTQ:" not in log and not re.search(r"^\d+/\d+ train_loss", log, re.M)
+    assert scored["eval_artifact"] == dict(path=str(artifact.resolve()), bytes=len(blob),
+                                           sha256=hashlib.sha256(blob).hexdigest())
+    assert "quantization_gap_bpb" not in scored["metrics"] and "pre_quant_val_bpb" not in scored["metrics"]
+    metrics = scored["metrics"]
+    eval_ms = sum(metrics[k] for k in tg.SCORED_EVAL_PHASES if k in metrics)
+    assert scored["status"] == "completed" and metrics["eval_total_ms"] == eval_ms
+    assert scored["compliance"] == dict(eval_under_600s=True, eval_ms=eval_ms)
+
+
+def test_eval_artifact_missing_file_is_a_config_error_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main_in_process(monkeypatch, dict(SMALL_RUN, EVAL_ARTIFACT="nope.ptz"))
+    assert str(exit_info.value.code) == ("train_gpt.py: configuration error: EVAL_ARTIFACT='nope.ptz': must be an "
+                                         "existing artifact file, e.g. a finished run's final_model.int6.ptz")
+    assert not (tmp_path / "logs").exists()  # stopped before anything ran
+    hp = hparams(EVAL_ARTIFACT=tmp_path / "nope.ptz")
+    (tmp_path / "nope.ptz").write_bytes(b"")
+    tg.check_evaluation_config(hp)  # existence is all the configuration checks; the parse checks the rest
+
+
+def test_eval_artifact_of_another_architecture_is_an_artifact_error_naming_the_mismatch(tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hp = hparams(**dict(SMALL_RUN, MODEL_DIM=32))
+    torch.manual_seed(0)
+    (tmp_path / "other.ptz").write_bytes(tg.serialize_artifact(tg.quantize_state(tg.GPT(hp), {}, hp), hp))
+    with pytest.raises(SystemExit) as exit_info:
+        main_in_process(monkeypatch, dict(SMALL_RUN, DATA_DIR=tiny_data["root"], RUN_ID="other",
+                                          EVAL_ARTIFACT="other.ptz"))
+    assert str(exit_info.value.code) == ("train_gpt.py: artifact error: artifact was made for another model: "
+                                         "MODEL_DIM=32 (this run: 64)")
+    assert json.loads((tmp_path / "logs" / "other.json").read_text())["status"] == "failed"

@@ -34,7 +34,7 @@ import phased_ttt_cost  # noqa: E402
 import package_record  # noqa: E402
 import plot_runs  # noqa: E402
 import summarize_runs  # noqa: E402
-from runlogs import Run  # noqa: E402
+from runlogs import Run, RunLogError  # noqa: E402
 
 # A fixed number of steps with the loop switch at a step: no clock in the schedule, so reruns repeat.
 FIXED = dict(E2E, ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, ENABLE_LOOPING_AT_STEP=6, WARMUP_STEPS=0,
@@ -355,6 +355,14 @@ def test_student_t_tail_matches_closed_forms(t):
     assert package_record.student_t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
 
 
+def test_package_refuses_eval_only_runs():
+    runs = [Run(Path(f"{seed}.json"), {"run_id": f"s{seed}", "status": "completed", "hyperparameters": {"seed": seed},
+                                       "eval_artifact": {"path": "final_model.int6.ptz"} if seed == 42 else None})
+            for seed in (1337, 42)]
+    with pytest.raises(RunLogError, match=r"eval-only runs \(EVAL_ARTIFACT\) are not a submission.*: s42$"):
+        package_record.check_runs(runs, SCRIPT)
+
+
 def test_significance_converts_bpb_to_nats_with_the_logged_ratio():
     # val_loss/val_bpb = 2.0 nats per bpb; improvements 0.02, 0.03, 0.04 bpb -> 0.04, 0.06, 0.08 nats.
     runs = [Run(Path(f"{i}.json"), {"metrics": {"post_quant_val_bpb": 1.10 - d, "post_quant_val_loss": 2 * (1.10 - d)}})
@@ -557,3 +565,22 @@ def test_phased_ttt_cost_counts_each_chunk_window_as_phased_ttt_processes_it():
     phased_ttt_cost.add_batch(batch, np.array([17, 9]), hp)
     assert batch["fwd"] == 2 * (8 + 16 + 32) and batch["bwd"] == 2 * (8 + 16)  # the last chunk is not trained
     assert phased_ttt_cost.global_sgd_tokens(lengths, hp) == 70 + 17  # the first 2 documents scored
+
+
+def test_other_phase_work_counts_what_evaluate_and_score_first_eval_run():
+    hp = hparams(EVAL_SEQ_LEN=16, EVAL_STRIDE=8, TTT_CHUNK_TOKENS=64, VAL_BATCH_TOKENS=8 * 16 * 2, TTT_EPOCHS=3)
+    work = phased_ttt_cost.other_phase_work(hp, targets=200, gpus=2)
+    # by hand: 12 whole sequences, 6 per rank; windows start at 0, 8, ..., 184 (24, each padded to 16), 12 per rank
+    assert work["post_quant_eval"] == dict(fwd=6 * 16, train=0, steps=0)
+    assert work["sliding_eval"] == dict(fwd=12 * 16, train=0, steps=0)
+    assert len(tg.sliding_windows(200, 16, 8)) == 24
+    # 4 chunks of 64, the last never trained on; each of the 3 holds 4 sequences = 2 steps of 2 (1 per rank); 3 epochs
+    assert work["full_ttt_eval"] == dict(fwd=12 * 16, train=3 * 3 * 2 * 16, steps=3 * 3 * 2)
+
+
+def test_projected_configurations_sum_the_phases_the_evaluation_times():
+    counted = {k.removesuffix("_ms") for k in tg.SCORED_EVAL_PHASES}
+    for name, phases in phased_ttt_cost.CONFIGURATIONS.items():
+        assert {p.removeprefix("full_").removeprefix("phased_") for p in phases} <= counted, name
+    assert ("ngram_hint" in phased_ttt_cost.CONFIGURATIONS["phased TTT + tilt"]
+            and "sliding_eval" in phased_ttt_cost.CONFIGURATIONS["full TTT"])

@@ -275,6 +275,8 @@ class Hyperparameters:
     ngram_tilt_threshold: float = knob(0.8, "a hint fires when its token followed at least this fraction of the "
                                             "context's earlier occurrences")
     eval_loops: LoopCounts = knob((), "after the round trip, also score the artifact at these loop counts, e.g. 0,1,2,4")
+    eval_artifact: str = knob("", "eval-only run: skip training and GPTQ and score this artifact file (e.g. an "
+                                   "earlier run's final_model.int6.ptz) with the evaluation knobs (empty: train)")
     # runtime
     attn_backend: str = knob("auto", "auto, fa3 or sdpa (auto: FlashAttention 3 when importable on CUDA)")
     compile: str = knob("auto", "auto, 1 or 0 (auto: torch.compile on CUDA only)")
@@ -497,6 +499,8 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
     need(hp, not hp.ngram_tilt or hp.sliding_window_enabled or (hp.ttt_enabled and hp.ttt_mode == "phased"),
          "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1 or "
          "TTT_ENABLED=1 TTT_MODE=phased")
+    need(hp, not hp.eval_artifact or Path(hp.eval_artifact).is_file(), "EVAL_ARTIFACT",
+         "must be an existing artifact file, e.g. a finished run's final_model.int6.ptz")
     check_phased_ttt_config(hp)
 
 
@@ -4280,18 +4284,19 @@ def report_eval_total(log: RunLog, graphs_compiled: int) -> None:
     log.metric(eval_total_ms=total, eval_graphs_compiled=graphs_compiled)
 
 
-def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: float, hp: Hyperparameters, rt: Runtime,
+def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: Optional[float], hp: Hyperparameters, rt: Runtime,
                       log: RunLog) -> None:
     """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT (full or
-    phased: its metrics are ttt_*, whichever mode)."""
+    phased: its metrics are ttt_*, whichever mode). No quantization gap without the pre-quantization score."""
     phased = hp.ttt_enabled and hp.ttt_mode == "phased"  # its shapes need the document count, not the tokens
     warm_up_eval(len(val.tokens), hp, rt, log, len(val_documents(val.tokens).starts) if phased else 0)
     graphs = compiled_graph_count()
     model = timed_load("artifact_load", path, hp, rt, log)
     net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
-    log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms,
-               quantization_gap_bpb=bpb - pre_quant_bpb)
+    log.metric(post_quant_val_loss=loss, post_quant_val_bpb=bpb, post_quant_eval_ms=ms)
+    if pre_quant_bpb is not None:  # None under EVAL_ARTIFACT: the file's unquantized model is not at hand
+        log.metric(quantization_gap_bpb=bpb - pre_quant_bpb)
     for loops in hp.eval_loops:
         with model.looping(loops):
             loss, bpb, ms = timed_eval(f"quantized_loops{loops}", lambda: evaluate(net, val, hp, rt), log, rt)
@@ -4350,14 +4355,30 @@ def post_training(trainer: Trainer, val: Validation, code_bytes: int) -> bool:
     return not artifact["artifact_over_budget"] or hp.allow_over_budget
 
 
+def eval_compliance(metrics: dict) -> dict:
+    """The evaluation's limit: its counted phases against CHALLENGE_SECONDS."""
+    eval_ms = sum(metrics.get(k, 0) for k in SCORED_EVAL_PHASES)
+    return dict(eval_under_600s=eval_ms <= 1000.0 * CHALLENGE_SECONDS, eval_ms=eval_ms)
+
+
 def compliance(result: dict) -> dict:
     """The challenge's limits, checked on this run's own numbers (tools/package_record.py reads them)."""
-    metrics = result["metrics"]
-    eval_ms = sum(metrics.get(k, 0) for k in SCORED_EVAL_PHASES)
     return dict(train_plus_gptq_under_600s=result["train_plus_gptq_ms"] <= 1000.0 * CHALLENGE_SECONDS,
-                eval_under_600s=eval_ms <= 1000.0 * CHALLENGE_SECONDS, eval_ms=eval_ms,
+                **eval_compliance(result["metrics"]),
                 artifact_under_16mb=result["total_bytes"] <= SUBMISSION_LIMIT_BYTES,
                 no_train_val_overlap=result.get("data_check", {}).get("overlap_docs") == 0)
+
+
+def evaluate_only(val: Validation, hp: Hyperparameters, rt: Runtime, log: RunLog) -> None:
+    """EVAL_ARTIFACT: score an existing artifact, as a training run scores its own, without training or GPTQ, so
+    one trained file can be scored several ways. Its compliance is the evaluation's alone (the file's training
+    time and size are the run's that made it); which file was scored is recorded by path, size and hash."""
+    path = Path(hp.eval_artifact)
+    blob = path.read_bytes()
+    log(f"eval_artifact: scoring {path} ({len(blob)} bytes); training and GPTQ skipped")
+    log.update(eval_artifact=dict(path=str(path.resolve()), bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()))
+    evaluate_artifact(path, val, None, hp, rt, log)
+    log.update(compliance=eval_compliance(log.result["metrics"]), status="completed")
 
 
 def run(hp: Hyperparameters, rt: Runtime) -> bool:
@@ -4369,6 +4390,9 @@ def run(hp: Hyperparameters, rt: Runtime) -> bool:
     try:
         sp = load_tokenizer(hp)
         val = load_validation(hp, sp, log)
+        if hp.eval_artifact:
+            evaluate_only(val, hp, rt, log)
+            return True
         check_train_val_overlap(hp, rt, log)
         trainer = Trainer(hp, rt, log)
         log_model(trainer.model, log)

@@ -52,6 +52,10 @@ def check_runs(runs: list[Run], script: Path) -> None:
     unfinished = [f"{r.run_id}: {r.describe_unfinished()}" for r in runs if r.status not in ("completed", "over_budget")]
     if unfinished:
         raise RunLogError("runs that did not finish: " + "; ".join(unfinished))
+    eval_only = [r.run_id for r in runs if r.result.get("eval_artifact")]
+    if eval_only:  # no training, GPTQ or artifact size of their own: the record is the runs that made the file
+        raise RunLogError("eval-only runs (EVAL_ARTIFACT) are not a submission; package the training runs: " +
+                          ", ".join(eval_only))
     codes = {r.code for r in runs}
     if len(codes) > 1:
         raise RunLogError("the runs come from different scripts: " +
