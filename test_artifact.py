@@ -181,6 +181,7 @@ def test_pergroup_row_and_column_classes_pay_where_the_codes_have_them():
     tables = {t["role"]: t for t in tg.unpack_pergroup(blob[5 + blob[4]:])[0]}
     assert tables["tok_emb.weight"]["row_classes"] > 1 and tables["tok_emb.weight"]["col_classes"] > 1
     assert (tables["mlp.fc.weight"]["row_classes"], tables["mlp.fc.weight"]["col_classes"]) == (1, 1)  # iid codes
+    assert tables["tok_emb.weight"]["scale_shift"] > 0  # 512 scales spread over ~1,000 fp16 values: low bits raw
     back = tg.parse_artifact(blob, hp)
     for name in ("tok_emb.weight", "blocks.0.mlp.fc.weight", "smear_gate_w"):
         assert torch.equal(back[name]["codes"], q[name]["codes"]) and torch.equal(back[name]["scale"], q[name]["scale"])
