@@ -198,8 +198,9 @@ def test_pergroup_class_choice_counts_the_histograms():
     codes = np.clip(np.round(rng.normal(0, 3, size=(256, 64))), -31, 31).astype(np.int8)
     t = tg.CodeTensor(start=0, rows=256, cols=64, role="r", scale=(0, 512))
     scales = tg.byte_planes(rng.random(256).astype(np.float16).tobytes(), 2)
-    joint = tg.finest_histograms(scales, [t], [codes], -31, 63)
-    assert tg.choose_classes(joint, [t]) == (1, 1)
+    joints = {key: tg.finest_histograms(scales, [t], [codes], -31, 63, key) for key in tg.COLUMN_KEYS}
+    assert tg.choose_classes(joints, [t])[1:] == (1, 1)
+    joint = tg.finest_histograms(scales, [t], [codes], -31, 63, "rms")
     cost_split = tg.classes_cost(tg.class_histograms(joint, 4, 4), tg.id_bytes(64, 4))
     assert cost_split > tg.classes_cost(tg.class_histograms(joint, 1, 1), 0) + 4 * 4 * 2  # the headers alone
 

@@ -217,7 +217,8 @@ class Hyperparameters:
     awq_lite_bits: int = knob(8, "bits of the AWQ-lite columns (only matrices with fewer bits are candidates)")
     awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally")
     awq_lite_group_size: int = knob(64, "consecutive input columns per AWQ-lite group")
-    compressor: str = knob("pergroup", "pergroup (codes ANS-coded per tensor role; pip package constriction), brotli (quality 11) or lzma")
+    compressor: str = knob("pergroup", "pergroup (codes and row scales ANS-coded per tensor role, codes with row/column "
+                                    "classes where they pay; pip package constriction), brotli (quality 11) or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
     budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
@@ -2673,6 +2674,8 @@ PERGROUP_VERSION = 2
 ROW_CLASSES_MAX = 16  # row buckets tried: 1, 2, 4, 8, 16 (powers of two, so the coarser ones nest in the finest)
 COL_CLASSES_MAX = 512  # column buckets tried: 1, 2, ..., 512 (log2 of it bits per column stored); on a trained
                        # embedding each column has its own width, and per-column histograms still pay for themselves
+COLUMN_KEYS = ("rms", "mean")  # what orders the columns into buckets: the cheaper (the decoder reads the ids)
+CLASS_OPTIONS_MEASURED = 8  # how many of the cheapest class options are costed again with brotli'd histograms
 LEVEL_STEPS = 16  # histogram bytes: a count c is 255 + round(16·log2(c / max)), ≤ 2.2% off: ~0.01% more code bytes
 
 
@@ -2730,8 +2733,12 @@ def row_buckets(container: bytes, t: CodeTensor, count: int) -> np.ndarray:
     return rank_buckets(scales.astype(np.float32), count)
 
 
-def column_buckets(codes: np.ndarray, count: int) -> np.ndarray:
-    return rank_buckets((codes.astype(np.float32) ** 2).sum(axis=0), count)
+def column_buckets(codes: np.ndarray, count: int, key: str) -> np.ndarray:
+    """Column buckets by the rank of the column's code rms or mean (on a trained embedding every column is shifted
+    along a shared direction, so its mean orders the columns' histograms better than its rms does)."""
+    if key == "rms":
+        return rank_buckets((codes.astype(np.float32) ** 2).mean(axis=0, dtype=np.float64), count)
+    return rank_buckets(codes.mean(axis=0, dtype=np.float64), count)
 
 
 def pack_ids(ids: np.ndarray, bits: int) -> bytes:
@@ -2783,11 +2790,27 @@ def classes_cost(histograms: np.ndarray, id_cost: int) -> float:
     return code_bits / 8 + float((2 + spans).sum()) + id_cost
 
 
-def choose_classes(joint: np.ndarray, tensors: list[CodeTensor]) -> tuple[int, int]:
-    """(row classes, column classes) of a role: the powers of two up to the maxima that cost the fewest bytes."""
-    options = [(2 ** r, 2 ** c) for r in range(ROW_CLASSES_MAX.bit_length()) for c in range(COL_CLASSES_MAX.bit_length())]
-    return min(options, key=lambda rc: classes_cost(class_histograms(joint, *rc),
-                                                    sum(id_bytes(t.cols, rc[1]) for t in tensors)))
+def brotli_classes_cost(histograms: np.ndarray, id_cost: int) -> float:
+    """classes_cost with the histograms' bytes as brotli leaves them (they travel in the brotli'd side part, where
+    many similar histograms shrink by up to ~20%, so the raw count misranks options that are close)."""
+    seen = histograms > 0
+    first, last = seen.argmax(axis=1), seen.shape[1] - seen[:, ::-1].argmax(axis=1)
+    levels = histogram_levels(histograms)
+    table = b"".join(bytes([f, n - f]) + levels[k, f:n].tobytes() for k, (f, n) in enumerate(zip(first, last)))
+    raw = float(np.where(seen.any(axis=1), 2 + last - first, 2).sum())
+    return classes_cost(histograms, id_cost) - raw + len(brotli.compress(table, quality=11))
+
+
+def choose_classes(joints: dict[str, np.ndarray], tensors: list[CodeTensor]) -> tuple[str, int, int]:
+    """(column key, row classes, column classes) of a role, among the powers of two up to the maxima: every option
+    costed by classes_cost, the CLASS_OPTIONS_MEASURED cheapest again with their histograms brotli-compressed."""
+    grid = [(2 ** r, 2 ** c) for r in range(ROW_CLASSES_MAX.bit_length()) for c in range(COL_CLASSES_MAX.bit_length())]
+    ids = {cols: sum(id_bytes(t.cols, cols) for t in tensors) for _, cols in grid}
+    options = sorted((classes_cost(class_histograms(joint, rows, cols), ids[cols]), key, rows, cols)
+                     for key, joint in joints.items() for rows, cols in grid)
+    best = min(options[:CLASS_OPTIONS_MEASURED], key=lambda o: brotli_classes_cost(
+        class_histograms(joints[o[1]], o[2], o[3]), ids[o[3]]))
+    return best[1:]
 
 
 class ByteReader:
@@ -2849,12 +2872,12 @@ def tensor_classes(container: bytes, tensors: list[CodeTensor], ids: list[np.nda
 
 
 def finest_histograms(container: bytes, tensors: list[CodeTensor], codes: list[np.ndarray], lo: int,
-                      width: int) -> np.ndarray:
+                      width: int, key: str) -> np.ndarray:
     """Counts of (row bucket, column bucket, code - lo) at ROW_CLASSES_MAX x COL_CLASSES_MAX buckets."""
     size = ROW_CLASSES_MAX * COL_CLASSES_MAX * width
     joint = np.zeros(size, dtype=np.int64)
     for t, c in zip(tensors, codes):
-        fine = row_buckets(container, t, ROW_CLASSES_MAX)[:, None] * COL_CLASSES_MAX + column_buckets(c, COL_CLASSES_MAX)
+        fine = row_buckets(container, t, ROW_CLASSES_MAX)[:, None] * COL_CLASSES_MAX + column_buckets(c, COL_CLASSES_MAX, key)
         joint += np.bincount((fine * width + (c.astype(np.int64) - lo)).ravel(), minlength=size)
     return joint.reshape(ROW_CLASSES_MAX, COL_CLASSES_MAX, width)
 
@@ -2910,8 +2933,9 @@ def encode_role(raw: bytes, tensors: list[CodeTensor]) -> tuple[dict, bytes, byt
     codes = [np.frombuffer(raw, dtype=np.int8, count=t.length, offset=t.start).reshape(t.rows, t.cols) for t in tensors]
     lo = min(int(c.min()) for c in codes)
     width = max(int(c.max()) for c in codes) - lo + 1
-    row_classes, col_classes = choose_classes(finest_histograms(raw, tensors, codes, lo, width), tensors)
-    ids = [column_buckets(c, col_classes) for c in codes]
+    key, row_classes, col_classes = choose_classes(
+        {key: finest_histograms(raw, tensors, codes, lo, width, key) for key in COLUMN_KEYS}, tensors)
+    ids = [column_buckets(c, col_classes, key) for c in codes]
     classes = tensor_classes(raw, tensors, ids, row_classes, col_classes)
     table, levels, words = encode_classes(np.concatenate([c.ravel() for c in codes]), classes, row_classes * col_classes)
     heads = np.array(table, dtype=np.int64).astype(np.uint8).tobytes()  # (lo as a two's-complement byte, n) each
