@@ -2654,26 +2654,26 @@ def decompress(blob: bytes, compressor: str) -> bytes:
 # --- Per-group compressor (COMPRESSOR=pergroup). The quantized codes of one tensor role (every layer's c_q, ...)
 # are close to independent draws from a few distributions, so a static ANS coder over per-role histograms reaches
 # their entropy, which brotli-11 misses by 0.5-1.4% while spending ~100x the time (BENCHMARKS.md, issue 14). They
-# are not identically distributed within a role, though: on the embedding, rows with a larger scale and columns
-# with a larger rms have wider codes. So each role's codes are split into classes, row bucket (the rank of the
+# are not identically distributed within a role, though: on a trained embedding, each column's codes are shifted
+# and shaped differently, and rows differ with their scale. So each role's codes are split into classes, row bucket (the rank of the
 # row's fp16 scale within its tensor: free, the decoder reads the scales before the codes) x column bucket (the
-# rank of the column's code rms: the ids are stored), one histogram each. The bucket counts are chosen per role by
-# what they cost in bytes, histograms and column ids included, so a context that does not pay is not used (on the
-# block matrices it usually does not). Histograms are stored as one byte per symbol, log2-quantized. The role's
-# fp16 row scales are ANS-coded too (their top bits, one histogram per role; the low `scale_shift` bits stored
-# as they are), which beats brotli on their byte planes by ~8%.
+# rank of the column's code mean or rms: the ids are stored), one histogram each. The bucket counts are chosen per
+# role by what they cost in bytes, histograms and column ids included, so a context that does not pay is not used
+# (on the block matrices it usually does not; on a short-trained embedding per-column histograms save ~13%).
+# Histograms are stored as one byte per symbol, log2-quantized. The role's fp16 row scales are ANS-coded too (their
+# top bits, one histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
 # Layout: u32 len(A) | A | B, where A = brotli(u32 len(T) | T | u32 len(H) | H | the raw container minus its code
 # and row-scale bytes), T = JSON {version, groups: [{role, row_classes, col_classes, scale_shift, scale_words,
 # words}]}, H = for each group, its scales' (lowest top bits: u16, histogram length: u16), histogram and low bits,
 # then its classes' (lowest code, histogram length) bytes, their histograms and its tensors' packed column ids,
 # and B = for each group, the ANS words of its scales and then of its codes, in table order.
 # Which bytes of the container belong to which group follows from the container's own header, and its payload
-# checksum verifies the decoded codes. Row reordering is absent on purpose: a permutation costs more than the
+# checksum verifies the decoded codes and scales. Row reordering is absent on purpose: a permutation costs more than the
 # neighbour contexts it enables gain (BENCHMARKS.md).
 PERGROUP_VERSION = 2
 ROW_CLASSES_MAX = 16  # row buckets tried: 1, 2, 4, 8, 16 (powers of two, so the coarser ones nest in the finest)
 COL_CLASSES_MAX = 512  # column buckets tried: 1, 2, ..., 512 (log2 of it bits per column stored); on a trained
-                       # embedding each column has its own width, and per-column histograms still pay for themselves
+                       # embedding each column has its own histogram, and per-column histograms pay for themselves
 COLUMN_KEYS = ("rms", "mean")  # what orders the columns into buckets: the cheaper (the decoder reads the ids)
 CLASS_OPTIONS_MEASURED = 8  # how many of the cheapest class options are costed again with brotli'd histograms
 LEVEL_STEPS = 16  # histogram bytes: a count c is 255 + round(16·log2(c / max)), ≤ 2.2% off: ~0.01% more code bytes
