@@ -6,6 +6,7 @@ import math
 import re
 import sys
 
+import brotli
 import numpy as np
 import pytest
 import torch
@@ -152,15 +153,68 @@ def test_pergroup_round_trip_is_exact_for_every_storage_kind():
                     if torch.is_tensor(value) else back[name][key] == value), (name, key)
 
 
-def test_pergroup_codes_one_histogram_per_role_and_beats_brotli():
+def test_pergroup_codes_one_group_per_role_and_beats_brotli():
     hp, _, q = quantized_model(COMPRESSOR="pergroup")
     brotli_bytes = len(tg.serialize_artifact(q, tg.dataclasses.replace(hp, compressor="brotli")))
     blob = tg.serialize_artifact(q, hp)
-    tables, _, _ = tg.unpack_pergroup(blob[5 + blob[4]:])
+    tables, _, _, _ = tg.unpack_pergroup(blob[5 + blob[4]:])
     assert [t["role"] for t in tables] == ["smear_gate_w", "tok_emb.weight", "attn.attn_gate_w", "mlp.fc.weight",
                                            "mlp.proj.weight"]
-    assert sum(sum(t["counts"]) for t in tables) == sum(v["codes"].numel() for v in q.values() if "codes" in v)
     assert len(blob) < brotli_bytes
+
+
+def structured_codes(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int7 codes, fp16 row scales) whose width grows with the row's scale and differs a lot between columns,
+    as on a trained embedding: the row and the column classes should both pay."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, generator=g) + 0.5
+    col_width = torch.logspace(-0.5, 1.2, cols)[torch.randperm(cols, generator=g)]
+    width = col_width[None, :] * scale[:, None] ** 2
+    codes = torch.clamp(torch.round(torch.randn(rows, cols, generator=g) * width), -63, 63).to(torch.int8)
+    return codes, scale.half()
+
+
+def test_pergroup_row_and_column_classes_pay_where_the_codes_have_them():
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    codes, scale = structured_codes(*q["tok_emb.weight"]["codes"].shape, seed=1)
+    q["tok_emb.weight"].update(codes=codes, scale=scale)
+    blob = tg.serialize_artifact(q, hp)
+    tables = {t["role"]: t for t in tg.unpack_pergroup(blob[5 + blob[4]:])[0]}
+    assert tables["tok_emb.weight"]["row_classes"] > 1 and tables["tok_emb.weight"]["col_classes"] > 1
+    assert (tables["mlp.fc.weight"]["row_classes"], tables["mlp.fc.weight"]["col_classes"]) == (1, 1)  # iid codes
+    assert tables["tok_emb.weight"]["scale_shift"] > 0  # 512 scales spread over ~1,000 fp16 values: low bits raw
+    back = tg.parse_artifact(blob, hp)
+    for name in ("tok_emb.weight", "blocks.0.mlp.fc.weight", "smear_gate_w"):
+        assert torch.equal(back[name]["codes"], q[name]["codes"]) and torch.equal(back[name]["scale"], q[name]["scale"])
+    order0 = tg.dataclasses.replace(hp, compressor="pergroup")
+    with pytest.MonkeyPatch.context() as mp:  # the same artifact with the contexts switched off
+        mp.setattr(tg, "ROW_CLASSES_MAX", 1)
+        mp.setattr(tg, "COL_CLASSES_MAX", 1)
+        assert len(tg.serialize_artifact(q, order0)) > len(blob) + 1000
+
+
+def test_pergroup_class_choice_counts_the_histograms():
+    """Per-class histograms cost bytes: on iid codes no split pays, whatever the maxima."""
+    rng = np.random.default_rng(0)
+    codes = np.clip(np.round(rng.normal(0, 3, size=(256, 64))), -31, 31).astype(np.int8)
+    t = tg.CodeTensor(start=0, rows=256, cols=64, role="r", scale=(0, 512))
+    scales = tg.byte_planes(rng.random(256).astype(np.float16).tobytes(), 2)
+    joints = {key: tg.finest_histograms(scales, [t], [codes], -31, 63, key) for key in tg.COLUMN_KEYS}
+    assert tg.choose_classes(joints, [t])[1:] == (1, 1)
+    joint = tg.finest_histograms(scales, [t], [codes], -31, 63, "rms")
+    cost_split = tg.classes_cost(tg.class_histograms(joint, 4, 4), tg.id_bytes(64, 4))
+    assert cost_split > tg.classes_cost(tg.class_histograms(joint, 1, 1), 0) + 4 * 4 * 2  # the headers alone
+
+
+def test_pergroup_refuses_a_format_1_body_clearly():
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    raw = tg.decompress(tg.serialize_artifact(q, tg.dataclasses.replace(hp, compressor="brotli"))[5 + 6:], "brotli")
+    table = json.dumps([dict(role="tok_emb.weight", lo=-3, counts=[1, 2, 3], words=0)]).encode()
+    side = brotli.compress(len(table).to_bytes(4, "little") + table + raw)
+    body = len(side).to_bytes(4, "little") + side
+    blob = tg.ARTIFACT_MAGIC + bytes([8]) + b"pergroup" + body
+    with pytest.raises(tg.ArtifactError, match="pergroup format 1"):
+        tg.parse_artifact(blob, hp)
 
 
 def test_pergroup_without_its_coder_names_the_package(monkeypatch):

@@ -219,7 +219,8 @@ class Hyperparameters:
     awq_lite_group_top_k: int = knob(1, "how many column groups get AWQ-lite codes, chosen globally (0: only "
                                       "BUDGET_FILL's awq lever adds any)")
     awq_lite_group_size: int = knob(64, "consecutive input columns per AWQ-lite group")
-    compressor: str = knob("pergroup", "pergroup (codes ANS-coded per tensor role; pip package constriction), brotli (quality 11) or lzma")
+    compressor: str = knob("pergroup", "pergroup (codes and row scales ANS-coded per tensor role, codes with row/column "
+                                    "classes where they pay; pip package constriction), brotli (quality 11) or lzma")
     allow_over_budget: bool = knob(False, "exploratory run: an artifact over the limit is not an error (nor shrunk)")
     artifact_limit_bytes: int = knob(16_000_000, "limit on model + code bytes (lower it for tests and small CPU runs)")
     budget_margin_bytes: int = knob(4000, "model + code over limit - this is shrunk (room for a CRLF checkout of the code)")
@@ -2672,16 +2673,32 @@ def decompress(blob: bytes, compressor: str) -> bytes:
         raise ArtifactError(f"cannot decompress the artifact ({compressor}): {exc}; the file is truncated or corrupted") from None
 
 
-# --- Per-group compressor (COMPRESSOR=pergroup). The quantized codes are nearly independent draws
-# from a few distributions, one per tensor role, so an order-0 entropy coder over each role's code
-# histogram reaches their entropy, which brotli-11 misses by 0.5-1.4% (BENCHMARKS.md, issue 14)
-# while spending ~100x the time. Layout: u32 len(A) | A | B, where A = brotli(u32 table length | table JSON | the raw
-# container minus its code bytes) and B = the ANS words of each role group, in table order. The
-# table holds each group's role, smallest code, histogram and word count; which bytes of the
-# container belong to which group follows from the container's own header, and its payload checksum
-# verifies the decoded codes. Row reordering is absent on purpose: an order-0 coder's size does not
-# depend on the order of the symbols.
-
+# --- Per-group compressor (COMPRESSOR=pergroup). The quantized codes of one tensor role (every layer's c_q, ...)
+# are close to independent draws from a few distributions, so a static ANS coder over per-role histograms reaches
+# their entropy, which brotli-11 misses by 0.5-1.4% while spending ~100x the time (BENCHMARKS.md, issue 14). They
+# are not identically distributed within a role, though: on a trained embedding, each column's codes are shifted
+# and shaped differently, and rows differ with their scale. So each role's codes are split into classes, row bucket (the rank of the
+# row's fp16 scale within its tensor: free, the decoder reads the scales before the codes) x column bucket (the
+# rank of the column's code mean or rms: the ids are stored), one histogram each. The bucket counts are chosen per
+# role by what they cost in bytes, histograms and column ids included, so a context that does not pay is not used
+# (on the block matrices it usually does not; on a short-trained embedding per-column histograms save ~13%).
+# Histograms are stored as one byte per symbol, log2-quantized. The role's fp16 row scales are ANS-coded too (their
+# top bits, one histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
+# Layout: u32 len(A) | A | B, where A = brotli(u32 len(T) | T | u32 len(H) | H | the raw container minus its code
+# and row-scale bytes), T = JSON {version, groups: [{role, row_classes, col_classes, scale_shift, scale_words,
+# words}]}, H = for each group, its scales' (lowest top bits: u16, histogram length: u16), histogram and low bits,
+# then its classes' (lowest code, histogram length) bytes, their histograms and its tensors' packed column ids,
+# and B = for each group, the ANS words of its scales and then of its codes, in table order.
+# Which bytes of the container belong to which group follows from the container's own header, and its payload
+# checksum verifies the decoded codes and scales. Row reordering is absent on purpose: a permutation costs more than the
+# neighbour contexts it enables gain (BENCHMARKS.md).
+PERGROUP_VERSION = 2
+ROW_CLASSES_MAX = 16  # row buckets tried: 1, 2, 4, 8, 16 (powers of two, so the coarser ones nest in the finest)
+COL_CLASSES_MAX = 512  # column buckets tried: 1, 2, ..., 512 (log2 of it bits per column stored); on a trained
+                       # embedding each column has its own histogram, and per-column histograms pay for themselves
+COLUMN_KEYS = ("rms", "mean")  # what orders the columns into buckets: the cheaper (the decoder reads the ids)
+CLASS_OPTIONS_MEASURED = 8  # how many of the cheapest class options are costed again with brotli'd histograms
+LEVEL_STEPS = 16  # histogram bytes: a count c is 255 + round(16·log2(c / max)), ≤ 2.2% off: ~0.01% more code bytes
 
 
 def ans_coder():
@@ -2698,95 +2715,361 @@ def code_role(name: str) -> str:
     return ".".join(parts[2:]) if parts[0] == "blocks" and parts[1].isdigit() else name
 
 
-def code_spans(raw: bytes) -> list[tuple[int, int, str]]:
-    """(start, length, role) of every tensor's code bytes in the raw container, in file order."""
+@dataclasses.dataclass(frozen=True)
+class CodeTensor:
+    """Where one int tensor's codes and fp16 row scales lie in the raw container."""
+    start: int
+    rows: int
+    cols: int
+    role: str
+    scale: tuple[int, int]  # (start, length) of the scales' byte planes
+
+    @property
+    def length(self) -> int:
+        return self.rows * self.cols
+
+
+def code_tensors(raw: bytes) -> list[CodeTensor]:
+    """Every int tensor of the raw container (only its header is read), in file order of the codes."""
     header_len = int.from_bytes(raw[:4], "little")
     try:
         header = json.loads(raw[4:4 + header_len])
         start = 4 + header_len
-        return sorted((start + e["codes"][0], e["codes"][1], code_role(e["name"]))
-                      for e in header.get("tensors", []) if e["kind"] == "int")
-    except (ValueError, KeyError, TypeError, AttributeError):
+        entries = [e for e in header.get("tensors", []) if e["kind"] == "int"]
+        out = [CodeTensor(start + e["codes"][0], e["shape"][0], e["codes"][1] // max(e["shape"][0], 1),
+                          code_role(e["name"]), (start + e["scale"][0], e["scale"][1])) for e in entries]
+        if any(t.length != e["codes"][1] or t.scale[1] != 2 * t.rows for t, e in zip(out, entries)):
+            raise ValueError  # the row classes need one scale per row, and rows x columns codes
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise ArtifactError("artifact header does not describe its tensors; the file is corrupted") from None
+    return sorted(out, key=lambda t: t.start)
 
 
-def ans_model(table: dict):
-    counts = np.asarray(table["counts"], dtype=np.float64)
-    return ans_coder().stream.model.Categorical(counts / counts.sum(), perfect=False)
+def rank_buckets(values: np.ndarray, count: int) -> np.ndarray:
+    """Each value's rank bucket 0..count-1, equal-sized (ties by position, so encoder and decoder agree)."""
+    return np.argsort(np.argsort(values, kind="stable"), kind="stable") * count // len(values)
 
 
-def ans_encode(role: str, codes: np.ndarray) -> tuple[dict, bytes]:
-    symbols = codes.astype(np.int32)
-    lo = int(symbols.min())
-    table = dict(role=role, lo=lo, counts=np.bincount(symbols - lo).tolist())
-    if len(table["counts"]) == 1:  # one symbol (e.g. a gate still at its zero init) carries no information
-        return dict(table, words=0), b""
+def row_buckets(container: bytes, t: CodeTensor, count: int) -> np.ndarray:
+    scales = np.frombuffer(from_byte_planes(container[t.scale[0]:t.scale[0] + t.scale[1]], 2), dtype=np.float16)
+    return rank_buckets(scales.astype(np.float32), count)
+
+
+def column_buckets(codes: np.ndarray, count: int, key: str) -> np.ndarray:
+    """Column buckets by the rank of the column's code rms or mean (on a trained embedding every column is shifted
+    along a shared direction, so its mean orders the columns' histograms better than its rms does)."""
+    if key == "rms":
+        return rank_buckets((codes.astype(np.float32) ** 2).mean(axis=0, dtype=np.float64), count)
+    return rank_buckets(codes.mean(axis=0, dtype=np.float64), count)
+
+
+def pack_ids(ids: np.ndarray, bits: int) -> bytes:
+    return np.packbits(((ids[:, None] >> np.arange(bits)) & 1).astype(np.uint8)).tobytes()
+
+
+def unpack_ids(data: bytes, count: int, bits: int) -> np.ndarray:
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:count * bits].reshape(count, bits)
+    return (flat.astype(np.int64) << np.arange(bits)).sum(axis=1)
+
+
+def id_bytes(cols: int, classes: int) -> int:
+    return -(-cols * (classes.bit_length() - 1) // 8)
+
+
+def histogram_levels(counts: np.ndarray) -> np.ndarray:
+    """One byte per count (histograms along the last axis): 0 for a count of 0, else
+    255 + round(LEVEL_STEPS·log2(count / the histogram's largest count)), at least 1."""
+    top = np.maximum(counts.max(axis=-1, keepdims=True), 1)
+    ratio = np.log2(np.maximum(counts, 1) / top)
+    return np.where(counts > 0, np.clip(255 + np.round(LEVEL_STEPS * ratio), 1, 255), 0).astype(np.uint8)
+
+
+# Integer weights of the levels, so encoder and decoder turn a histogram into the same probabilities on any
+# machine (a division is exact to the last bit; exp2 of a platform's libm need not be).
+LEVEL_WEIGHTS = np.array([0] + [round(256 * 2 ** (level / LEVEL_STEPS)) for level in range(1, 256)], dtype=np.int64)
+
+
+def level_model(levels: np.ndarray):
+    weights = LEVEL_WEIGHTS[levels]
+    return ans_coder().stream.model.Categorical(weights / weights.sum(), perfect=False)
+
+
+def class_histograms(joint: np.ndarray, row_classes: int, col_classes: int) -> np.ndarray:
+    """(row_classes · col_classes, symbols) counts, summed from the finest (ROW_CLASSES_MAX, COL_CLASSES_MAX, symbols)."""
+    rows, cols, width = joint.shape
+    return joint.reshape(row_classes, rows // row_classes, col_classes, cols // col_classes, width).sum(
+        axis=(1, 3)).reshape(-1, width)
+
+
+def classes_cost(histograms: np.ndarray, id_cost: int) -> float:
+    """Bytes of a role's codes under these classes: their ANS size (cross-entropy with the stored histograms),
+    the histograms (2 + one byte per symbol from the first to the last one seen) and the column ids."""
+    weights = LEVEL_WEIGHTS[histogram_levels(histograms)].astype(np.float64)
+    seen = histograms > 0
+    probabilities = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1)
+    code_bits = -float((histograms[seen] * np.log2(probabilities[seen])).sum())
+    spans = np.where(seen.any(axis=1), seen.shape[1] - seen[:, ::-1].argmax(axis=1) - seen.argmax(axis=1), 0)
+    return code_bits / 8 + float((2 + spans).sum()) + id_cost
+
+
+def brotli_classes_cost(histograms: np.ndarray, id_cost: int) -> float:
+    """classes_cost with the histograms' bytes as brotli leaves them (they travel in the brotli'd side part, where
+    many similar histograms shrink by up to ~20%, so the raw count misranks options that are close)."""
+    seen = histograms > 0
+    first, last = seen.argmax(axis=1), seen.shape[1] - seen[:, ::-1].argmax(axis=1)
+    levels = histogram_levels(histograms)
+    table = b"".join(bytes([f, n - f]) + levels[k, f:n].tobytes() for k, (f, n) in enumerate(zip(first, last)))
+    raw = float(np.where(seen.any(axis=1), 2 + last - first, 2).sum())
+    return classes_cost(histograms, id_cost) - raw + len(brotli.compress(table, quality=11))
+
+
+def choose_classes(joints: dict[str, np.ndarray], tensors: list[CodeTensor]) -> tuple[str, int, int]:
+    """(column key, row classes, column classes) of a role, among the powers of two up to the maxima: every option
+    costed by classes_cost, the CLASS_OPTIONS_MEASURED cheapest again with their histograms brotli-compressed."""
+    grid = [(2 ** r, 2 ** c) for r in range(ROW_CLASSES_MAX.bit_length()) for c in range(COL_CLASSES_MAX.bit_length())]
+    ids = {cols: sum(id_bytes(t.cols, cols) for t in tensors) for _, cols in grid}
+    options = sorted((classes_cost(class_histograms(joint, rows, cols), ids[cols]), key, rows, cols)
+                     for key, joint in joints.items() for rows, cols in grid)
+    best = min(options[:CLASS_OPTIONS_MEASURED], key=lambda o: brotli_classes_cost(
+        class_histograms(joints[o[1]], o[2], o[3]), ids[o[3]]))
+    return best[1:]
+
+
+class ByteReader:
+    """Consecutive slices of a byte string; running past its end is a corrupted artifact."""
+
+    def __init__(self, data: bytes):
+        self.data, self.cursor = data, 0
+
+    def take(self, count: int) -> bytes:
+        if count < 0 or self.cursor + count > len(self.data):
+            raise ArtifactError("the artifact's code histograms are truncated; the file is corrupted")
+        self.cursor += count
+        return self.data[self.cursor - count:self.cursor]
+
+
+def encode_classes(symbols: np.ndarray, classes: np.ndarray, count: int) -> tuple[list, bytes, bytes]:
+    """([lo, n] per class, their histogram levels, the ANS words) of symbols coded class after class.
+    n ≤ 255 (int8 codes); a class without symbols has n = 0, one with a single symbol value n = 1."""
+    order = np.argsort(classes, kind="stable") if count > 1 else slice(None)  # one class: already in order
+    segments = np.split(symbols[order].astype(np.int32), np.cumsum(np.bincount(classes, minlength=count))[:-1])
+    table, levels = [], []
+    for segment in segments:
+        lo = int(segment.min()) if len(segment) else 0
+        levels.append(histogram_levels(np.bincount(segment - lo)) if len(segment) else np.zeros(0, dtype=np.uint8))
+        table.append([lo, len(levels[-1])])
     coder = ans_coder().stream.stack.AnsCoder()
-    coder.encode_reverse(symbols - lo, ans_model(table))
-    words = coder.get_compressed().astype("<u4")
-    table["words"] = len(words)
-    return table, words.tobytes()
+    for segment, (lo, size), level in reversed(list(zip(segments, table, levels))):  # a stack: the last class first
+        if size > 1:  # one symbol (e.g. a gate at its zero init) carries no information
+            coder.encode_reverse(segment - lo, level_model(level))
+    words = coder.get_compressed().astype("<u4").tobytes() if any(size > 1 for _, size in table) else b""
+    return table, b"".join(level.tobytes() for level in levels), words
 
 
-def ans_decode(table: dict, words: bytes) -> np.ndarray:
-    count = int(sum(table["counts"]))
-    if len(table["counts"]) == 1:
-        return np.full(count, table["lo"], dtype=np.int8)
+def decode_classes(table: list, levels: list[bytes], words: bytes, classes: np.ndarray) -> np.ndarray:
+    """Inverse of encode_classes: the symbols in their positions."""
+    sizes = np.bincount(classes, minlength=len(table))
+    if len(sizes) != len(table):
+        raise ArtifactError("the artifact's code classes do not match its table; the file is corrupted")
+    parts = []
     try:
         coder = ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
-        symbols = coder.decode(ans_model(table), count)
-    except (ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"cannot decode the {table['role']} codes: {exc}; the file is corrupted") from None
-    return (symbols + table["lo"]).astype(np.int8)
+        for (lo, width), level, size in zip(table, levels, sizes):
+            if size and width < 1:
+                raise ValueError("a class without a histogram")
+            model = level_model(np.frombuffer(level, dtype=np.uint8)) if width > 1 and size else None
+            parts.append(coder.decode(model, int(size)) + lo if model else np.full(size, lo, dtype=np.int32))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ArtifactError(f"cannot decode the artifact's codes: {exc}; the file is corrupted") from None
+    out = np.empty(len(classes), dtype=np.int8)
+    out[np.argsort(classes, kind="stable") if len(table) > 1 else slice(None)] = np.concatenate(parts)
+    return out
+
+
+def tensor_classes(container: bytes, tensors: list[CodeTensor], ids: list[np.ndarray], row_classes: int,
+                   col_classes: int) -> np.ndarray:
+    """Each code's class, row bucket x column bucket, over a role's tensors in file order."""
+    return np.concatenate([(row_buckets(container, t, row_classes)[:, None] * col_classes + k[None, :]).ravel()
+                           for t, k in zip(tensors, ids)])
+
+
+def finest_histograms(container: bytes, tensors: list[CodeTensor], codes: list[np.ndarray], lo: int,
+                      width: int, key: str) -> np.ndarray:
+    """Counts of (row bucket, column bucket, code - lo) at ROW_CLASSES_MAX x COL_CLASSES_MAX buckets."""
+    size = ROW_CLASSES_MAX * COL_CLASSES_MAX * width
+    joint = np.zeros(size, dtype=np.int64)
+    for t, c in zip(tensors, codes):
+        fine = row_buckets(container, t, ROW_CLASSES_MAX)[:, None] * COL_CLASSES_MAX + column_buckets(c, COL_CLASSES_MAX, key)
+        joint += np.bincount((fine * width + (c.astype(np.int64) - lo)).ravel(), minlength=size)
+    return joint.reshape(ROW_CLASSES_MAX, COL_CLASSES_MAX, width)
+
+
+def scale_bits(container: bytes, tensors: list[CodeTensor]) -> np.ndarray:
+    """The fp16 bit patterns of a role's row scales, tensor after tensor."""
+    return np.concatenate([np.frombuffer(from_byte_planes(container[t.scale[0]:t.scale[0] + t.scale[1]], 2),
+                                         dtype="<u2") for t in tensors]).astype(np.int64)
+
+
+def scale_cost(bits: np.ndarray, shift: int) -> float:
+    """Bytes of a role's scales with their top 16 - shift bits ANS-coded and the low `shift` bits stored raw;
+    infinite where the top bits' histogram would not fit its u16 length."""
+    top = bits >> shift
+    counts = np.bincount(top - top.min())
+    return classes_cost(counts[None, :], 0) + 2 + len(bits) * shift / 8 if len(counts) < 2 ** 16 else math.inf
+
+
+def encode_scales(bits: np.ndarray) -> tuple[int, bytes, bytes]:
+    """(shift, header + histogram + low bits, ANS words) of a role's scales, at the shift that costs the least."""
+    shift = min(range(16), key=lambda k: scale_cost(bits, k))
+    top = bits >> shift
+    lo = int(top.min())
+    levels = histogram_levels(np.bincount(top - lo))
+    words = b""
+    if len(levels) > 1:
+        coder = ans_coder().stream.stack.AnsCoder()
+        coder.encode_reverse((top - lo).astype(np.int32), level_model(levels))
+        words = coder.get_compressed().astype("<u4").tobytes()
+    head = np.array([lo, len(levels)], dtype="<u2").tobytes()
+    return shift, head + levels.tobytes() + pack_ids(bits & (2 ** shift - 1), shift), words
+
+
+def decode_scales(shift: int, side: ByteReader, words: bytes, container: bytearray, tensors: list[CodeTensor]) -> None:
+    """Inverse of encode_scales: writes the role's scales (as byte planes) into their places in the container."""
+    lo, width = np.frombuffer(side.take(4), dtype="<u2").astype(np.int64)
+    levels = np.frombuffer(side.take(int(width)), dtype=np.uint8)
+    count = sum(t.rows for t in tensors)
+    try:
+        top = (ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32)).decode(
+            level_model(levels), count) if width > 1 else np.zeros(count, dtype=np.int64)) + lo
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise ArtifactError(f"cannot decode the artifact's row scales: {exc}; the file is corrupted") from None
+    bits = (top.astype(np.int64) << shift) | unpack_ids(side.take(-(-count * shift // 8)), count, shift)
+    offset = 0
+    for t in tensors:
+        container[t.scale[0]:t.scale[0] + t.scale[1]] = byte_planes(bits[offset:offset + t.rows].astype("<u2").tobytes(), 2)
+        offset += t.rows
+
+
+def encode_role(raw: bytes, tensors: list[CodeTensor]) -> tuple[dict, bytes, bytes]:
+    """(table entry, side bytes, ANS words) of one role's scales and codes."""
+    codes = [np.frombuffer(raw, dtype=np.int8, count=t.length, offset=t.start).reshape(t.rows, t.cols) for t in tensors]
+    lo = min(int(c.min()) for c in codes)
+    width = max(int(c.max()) for c in codes) - lo + 1
+    key, row_classes, col_classes = choose_classes(
+        {key: finest_histograms(raw, tensors, codes, lo, width, key) for key in COLUMN_KEYS}, tensors)
+    ids = [column_buckets(c, col_classes, key) for c in codes]
+    classes = tensor_classes(raw, tensors, ids, row_classes, col_classes)
+    table, levels, words = encode_classes(np.concatenate([c.ravel() for c in codes]), classes, row_classes * col_classes)
+    heads = np.array(table, dtype=np.int64).astype(np.uint8).tobytes()  # (lo as a two's-complement byte, n) each
+    id_data = b"".join(pack_ids(k, col_classes.bit_length() - 1) for k in ids)
+    shift, scale_side, scale_words = encode_scales(scale_bits(raw, tensors))
+    entry = dict(role=tensors[0].role, row_classes=row_classes, col_classes=col_classes, scale_shift=shift,
+                 scale_words=len(scale_words) // 4, words=len(words) // 4)
+    return entry, scale_side + heads + levels + id_data, scale_words + words
+
+
+def decode_role(entry: dict, side: ByteReader, container: bytearray, tensors: list[CodeTensor], words: bytes) -> None:
+    """Inverse of encode_role: writes the role's scales, then its codes, into their places in the container."""
+    try:
+        row_classes, col_classes, shift = int(entry["row_classes"]), int(entry["col_classes"]), int(entry["scale_shift"])
+        scale_words = 4 * int(entry["scale_words"])
+        valid = (0 <= shift < 16 and 0 <= scale_words <= len(words)
+                 and row_classes in (2 ** r for r in range(ROW_CLASSES_MAX.bit_length()))
+                 and col_classes in (2 ** c for c in range(COL_CLASSES_MAX.bit_length())))
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ArtifactError(f"the artifact's code table of {entry.get('role')} is malformed; the file is corrupted")
+    decode_scales(shift, side, words[:scale_words], container, tensors)  # the row classes are read from them
+    words = words[scale_words:]
+    heads = np.frombuffer(side.take(2 * row_classes * col_classes), dtype=np.uint8).reshape(-1, 2)
+    table = [(int(lo), int(width)) for lo, width in zip(heads[:, 0].view(np.int8), heads[:, 1])]
+    levels = [side.take(width) for _, width in table]
+    bits = col_classes.bit_length() - 1
+    ids = [unpack_ids(side.take(id_bytes(t.cols, col_classes)), t.cols, bits) for t in tensors]
+    if any(len(k) and k.max() >= col_classes for k in ids):
+        raise ArtifactError("the artifact's column classes are out of range; the file is corrupted")
+    symbols = decode_classes(table, levels, words, tensor_classes(container, tensors, ids, row_classes, col_classes))
+    offset = 0
+    for t in tensors:
+        container[t.start:t.start + t.length] = symbols[offset:offset + t.length].tobytes()
+        offset += t.length
+
+
+def roles_of(tensors: list[CodeTensor]) -> dict[str, list[CodeTensor]]:
+    roles: dict[str, list[CodeTensor]] = {}
+    for t in tensors:
+        roles.setdefault(t.role, []).append(t)
+    return roles
+
+
+def coded_spans(tensors: list[CodeTensor]) -> list[tuple[int, int]]:
+    """(start, length) of every code and row-scale range of the container, in order: what the ANS streams hold."""
+    return sorted([(t.start, t.length) for t in tensors] + [t.scale for t in tensors])
 
 
 def compress_pergroup(raw: bytes) -> bytes:
-    spans, rest, groups, cursor = code_spans(raw), [], {}, 0
-    for start, length, role in spans:
+    tensors = code_tensors(raw)
+    rest, cursor = [], 0
+    for start, length in coded_spans(tensors):
         rest.append(raw[cursor:start])
-        groups.setdefault(role, []).append(np.frombuffer(raw, dtype=np.int8, count=length, offset=start))
         cursor = start + length
     rest.append(raw[cursor:])
-    coded = [ans_encode(role, np.concatenate(parts)) for role, parts in groups.items()]
-    table = json.dumps([t for t, _ in coded]).encode()
-    side = brotli.compress(len(table).to_bytes(4, "little") + table + b"".join(rest), quality=11)
-    return len(side).to_bytes(4, "little") + side + b"".join(words for _, words in coded)
+    coded = [encode_role(raw, group) for group in roles_of(tensors).values()]
+    table = json.dumps(dict(version=PERGROUP_VERSION, groups=[entry for entry, _, _ in coded])).encode()
+    histograms = b"".join(side for _, side, _ in coded)
+    side = brotli.compress(len(table).to_bytes(4, "little") + table + len(histograms).to_bytes(4, "little")
+                           + histograms + b"".join(rest), quality=11)
+    return len(side).to_bytes(4, "little") + side + b"".join(words for _, _, words in coded)
 
 
-def unpack_pergroup(blob: bytes) -> tuple[list[dict], bytes, bytes]:
-    """(group tables, the container without its codes, the ANS words) of a pergroup body."""
+def unpack_pergroup(blob: bytes) -> tuple[list[dict], bytes, bytes, bytes]:
+    """(group tables, histograms + column ids, the container without its codes, the ANS words) of a pergroup body."""
     side_len = int.from_bytes(blob[:4], "little")
     try:
         side = brotli.decompress(blob[4:4 + side_len])
         table_len = int.from_bytes(side[:4], "little")
-        tables = json.loads(side[4:4 + table_len])
-        coded_bytes = 4 * sum(t["words"] for t in tables)
+        table = json.loads(side[4:4 + table_len])
+        version = 1 if isinstance(table, list) else table["version"]
     except (brotli.error, ValueError, KeyError, TypeError):
         raise ArtifactError("cannot decompress the artifact (pergroup); the file is truncated or corrupted") from None
+    if version != PERGROUP_VERSION:  # format 1: one order-0 histogram per role, its counts in a JSON list
+        raise ArtifactError(f"the artifact was written by pergroup format {version!r}, which this script does not read "
+                            f"(it writes format {PERGROUP_VERSION}); re-serialize it with the script that wrote it, "
+                            "e.g. with COMPRESSOR=brotli")
+    try:
+        tables = table["groups"]
+        coded_bytes = 4 * sum(int(t["scale_words"]) + int(t["words"]) for t in tables)
+        hist_end = 8 + table_len + int.from_bytes(side[4 + table_len:8 + table_len], "little")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ArtifactError("cannot decompress the artifact (pergroup); the file is truncated or corrupted") from None
     words = blob[4 + side_len:]
-    if coded_bytes != len(words):
+    if coded_bytes != len(words) or hist_end > len(side):
         raise ArtifactError("the artifact's code streams have the wrong length; the file is truncated or corrupted")
-    return tables, side[4 + table_len:], words
+    return tables, side[8 + table_len:hist_end], side[hist_end:], words
 
 
 def decompress_pergroup(blob: bytes) -> bytes:
-    tables, rest, words = unpack_pergroup(blob)
-    codes, offset = {}, 0
-    for table in tables:
-        codes[table["role"]] = ans_decode(table, words[offset:offset + 4 * table["words"]]).tobytes()
-        offset += 4 * table["words"]
-    used = dict.fromkeys(codes, 0)
-    pieces, cursor, built = [], 0, 0  # cursor runs over `rest`, built over the container being rebuilt
-    for start, length, role in code_spans(rest):
-        pieces.append(rest[cursor:cursor + start - built])
+    tables, histograms, rest, words = unpack_pergroup(blob)
+    tensors = code_tensors(rest)  # the header leads the container, so its offsets hold with the codes taken out
+    spans = coded_spans(tensors)
+    container, cursor, built = bytearray(len(rest) + sum(length for _, length in spans)), 0, 0
+    for start, length in spans:
+        container[built:start] = rest[cursor:cursor + start - built]
         cursor += start - built
         built = start + length
-        if role not in codes or used[role] + length > len(codes[role]):
-            raise ArtifactError(f"the artifact has no codes for {role}; the file is corrupted")
-        pieces.append(codes[role][used[role]:used[role] + length])
-        used[role] += length
-    pieces.append(rest[cursor:])
-    return b"".join(pieces)
+    container[built:] = rest[cursor:]
+    roles = roles_of(tensors)
+    if [t.get("role") for t in tables] != list(roles):
+        raise ArtifactError("the artifact's code groups do not match its tensors; the file is corrupted")
+    side, offset = ByteReader(histograms), 0
+    for table in tables:
+        size = 4 * (table["scale_words"] + table["words"])
+        decode_role(table, side, container, roles[table["role"]], words[offset:offset + size])
+        offset += size
+    if side.cursor != len(histograms):
+        raise ArtifactError("the artifact's code histograms have the wrong length; the file is corrupted")
+    return bytes(container)
 
 
 # The corrections' header fields: AWQ-lite column starts with their fp16 row scales; LQER's int8

@@ -12,6 +12,7 @@ exact bytes of a real compression; times are wall seconds.
     python3 tools/compressor_bench.py --artifact final_model.int6.ptz  # a trained run's state instead (same
                                                                        # architecture knobs in the environment)
     python3 tools/compressor_bench.py --artifact final_model.int6.ptz --contexts  # codes' entropy per context
+    python3 tools/compressor_bench.py --artifact final_model.int6.ptz --roles  # pergroup's bytes per role
 """
 from __future__ import annotations
 
@@ -57,8 +58,13 @@ def entropy_bytes(data: bytes) -> int:
     return int(-(p * np.log2(p)).sum() * len(data) / 8)
 
 
+def order0_words(data: bytes) -> bytes:
+    """ANS words of the codes under one histogram (the histogram itself not counted)."""
+    return tg.encode_classes(np.frombuffer(data, dtype=np.int8), np.zeros(len(data), dtype=np.int64), 1)[2]
+
+
 def coders(more: bool) -> dict:
-    out = {"ANS order-0": lambda b: len(tg.ans_encode("g", np.frombuffer(b, dtype=np.int8))[1]),
+    out = {"ANS order-0": lambda b: len(order0_words(b)),
            "brotli-11": lambda b: len(brotli.compress(b, quality=11))}
     if more:
         import pyppmd
@@ -178,6 +184,27 @@ def print_scale_contexts(quantized: dict[str, dict]) -> None:
         print(f"| {role} | {len(bits):,} | {len(brotli.compress(planes, quality=11)):,} | {coded:,.0f} |")
 
 
+def print_pergroup_roles(quantized: dict[str, dict], hp: tg.Hyperparameters) -> None:
+    """Per role, what COMPRESSOR=pergroup spends (ANS words + side bytes: histograms, column ids, low scale bits;
+    before the side's brotli) on its codes and its row scales, against order-0 and brotli-11."""
+    blob = tg.serialize_artifact(quantized, tg.dataclasses.replace(hp, compressor="pergroup"))
+    raw = tg.decompress_pergroup(blob[5 + blob[4]:])
+    print("| role | classes (rows x columns) | codes: pergroup | codes: ANS order-0 + histogram | "
+          "scales: brotli-11 (byte planes) | scales: pergroup (shift) |")
+    for role, tensors in tg.roles_of(tg.code_tensors(raw)).items():
+        (entry, side, words), seconds = timed(tg.encode_role, raw, tensors)
+        codes = b"".join(raw[t.start:t.start + t.length] for t in tensors)
+        bits = tg.scale_bits(raw, tensors)
+        shift, scale_side, scale_words = tg.encode_scales(bits)
+        lo, hi = int(np.frombuffer(codes, dtype=np.int8).min()), int(np.frombuffer(codes, dtype=np.int8).max())
+        order0 = len(order0_words(codes)) + 2 + hi - lo + 1
+        planes = tg.byte_planes(bits.astype("<u2").tobytes(), 2)
+        pergroup_codes = len(side) + len(words) - len(scale_side) - len(scale_words)
+        print(f"| {role} | {entry['row_classes']} x {entry['col_classes']} | {pergroup_codes:,} ({seconds:.1f} s) | "
+              f"{order0:,} | {len(brotli.compress(planes, quality=11)):,} | "
+              f"{len(scale_side) + len(scale_words):,} ({shift}) |", flush=True)
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -189,11 +216,15 @@ def main() -> None:
     parser.add_argument("--more", action="store_true", help="also zstd-22 and PPMd")
     parser.add_argument("--artifact", type=Path, help="measure this artifact's state instead of Gaussian weights")
     parser.add_argument("--contexts", action="store_true", help="only the entropy of the codes under each context")
+    parser.add_argument("--roles", action="store_true", help="only what pergroup spends per role, codes and scales")
     args = parser.parse_args()
     hp = tg.Hyperparameters.from_env(os.environ)
     quantized = tg.parse_artifact(args.artifact.read_bytes(), hp) if args.artifact else gaussian_state(hp)
     if args.contexts:
         print_contexts(quantized)
+        return
+    if args.roles:
+        print_pergroup_roles(quantized, hp)
         return
     print("| group | raw bytes | order-0 entropy | " + " | ".join(coders(args.more)) + " |")
     for group, data in groups_of(quantized).items():
