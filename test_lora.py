@@ -318,8 +318,8 @@ def test_phased_knobs_are_checked(env, message):
 
 
 def test_the_phased_context_must_fit_the_rotary_table_only_when_phased_ttt_runs():
-    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_ENABLED": 0}), 1)
-    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_MODE": "full"}), 1)
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_ENABLED": 0, "NGRAM_TILT": 0}), 1)
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_MODE": "full", "SLIDING_WINDOW_ENABLED": 1}), 1)
 
 
 def test_the_phased_context_follows_eval_seq_len_unless_set():

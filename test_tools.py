@@ -483,7 +483,7 @@ def test_gpu_doctor_runs_the_tiny_shape_end_to_end_and_writes_its_json(tmp_path,
     assert report["logits_memory"]["stored_copies"] == 0 and report["logits_memory"]["stored_dtypes"] == []
     assert report["gptq"]["gptq_total_s"] >= 0 and (tmp_path / "work" / tg.ARTIFACT_PATH).is_file()
     assert report["evaluation"]["val_tokens"] == 1024
-    assert set(report["evaluation"]["phases"]) == {"quantized", "quantized_sliding_window"}
+    assert set(report["evaluation"]["phases"]) == {"quantized", "quantized_phased_ttt"}  # the default scores
     assert [v["name"] for v in report["verdicts"]] == ["train_600s", "gptq_reserve", "eval_600s"]
     table = capsys.readouterr().out
     assert "| fa3 | compiles | SKIP: no CUDA device" in table and "| verdict | eval_600s |" in table

@@ -234,15 +234,15 @@ class Hyperparameters:
     budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
                                      "~100 s on one CPU core; pergroup ~2 s)")
     # post-quantization evaluation
-    sliding_window_enabled: bool = knob(True, "also score the artifact with overlapping windows")
+    sliding_window_enabled: bool = knob(False, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
-    ttt_enabled: bool = knob(False, "score-first test-time training on the validation stream")
+    ttt_enabled: bool = knob(True, "score-first test-time training on the validation stream")
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine-decayed across chunks)")
     ttt_epochs: int = knob(3, "TTT passes over each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored first, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
-    ttt_mode: str = knob("full", "what TTT_ENABLED runs: full (SGD of all weights on sliding-window chunks: TTT_LR, "
+    ttt_mode: str = knob("phased", "what TTT_ENABLED runs: full (SGD of all weights on sliding-window chunks: TTT_LR, "
                                  "TTT_EPOCHS, TTT_CHUNK_TOKENS) or phased (per-document LoRA adapters and global SGD "
                                  "phases: the TTT_LORA_*, PHASED_TTT_* and GLOBAL_TTT_* knobs)")
     ttt_batch_size: int = knob(64, "phased TTT: documents per batch, one per row, batched by length")
@@ -272,7 +272,7 @@ class Hyperparameters:
     ttt_deadline_seconds: float = knob(450.0, "phased TTT: a rank past this many seconds of the timed evaluation (from "
                                               "the artifact load) scores its remaining documents without adapting, and "
                                               "global phases not yet run are skipped on every rank (0 = off)")
-    ngram_tilt: bool = knob(False, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
+    ngram_tilt: bool = knob(True, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
                                    "already-scored validation prefix predicts, then renormalize")
     ngram_tilt_order: int = knob(16, "n-gram order of the tilt: the hint's context is the previous ORDER-1 tokens")
     ngram_tilt_boost: float = knob(2.625, "β added to the hinted token's logit (0 = scores as without the tilt)")
@@ -503,8 +503,8 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
          "must be finite and >= 0")
     need(hp, 0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
     need(hp, not hp.ngram_tilt or hp.sliding_window_enabled or (hp.ttt_enabled and hp.ttt_mode == "phased"),
-         "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1 or "
-         "TTT_ENABLED=1 TTT_MODE=phased")
+         "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1, "
+         "TTT_ENABLED=1 TTT_MODE=phased, or NGRAM_TILT=0")
     need(hp, not hp.eval_artifact or Path(hp.eval_artifact).is_file(), "EVAL_ARTIFACT",
          "must be an existing artifact file, e.g. a finished run's final_model.int6.ptz")
     check_phased_ttt_config(hp)
@@ -518,9 +518,10 @@ def check_phased_ttt_config(hp: Hyperparameters) -> None:
     need(hp, hp.ttt_mode in TTT_MODES, "TTT_MODE", f"must be one of {', '.join(TTT_MODES)}")
     for name in ("TTT_BATCH_SIZE", "TTT_CHUNK_SIZE", "TTT_LORA_RANK", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_CHUNK_TOKENS"):
         need(hp, getattr(hp, name.lower()) > 0, name, "must be positive")
-    need(hp, hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN", f"must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size}")
-    rotary = max(hp.train_seq_len, hp.eval_seq_len)
-    need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
+    phased, rotary = hp.ttt_enabled and hp.ttt_mode == "phased", max(hp.train_seq_len, hp.eval_seq_len)
+    need(hp, not phased or hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN",
+         f"phased TTT: must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size} (unset, it is EVAL_SEQ_LEN; or lower TTT_CHUNK_SIZE)")
+    need(hp, not phased or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
          f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
     need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
     need(hp, math.isfinite(hp.ttt_width_growth) and hp.ttt_width_growth > 1, "TTT_WIDTH_GROWTH", "must be > 1")
