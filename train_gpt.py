@@ -4374,7 +4374,7 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: Optional[float
         log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
     if hp.ttt_enabled:
         model = timed_load("ttt_reload", path, hp, rt, log)  # TTT changes the weights: start again from the file
-        deadline = TTTDeadline(started + hp.ttt_deadline_seconds) if hp.ttt_deadline_seconds > 0 else None
+        deadline = TTTDeadline(started + hp.ttt_deadline_seconds) if phased and hp.ttt_deadline_seconds > 0 else None
         if hp.ttt_mode == "phased":
             label, score = "quantized_phased_ttt", lambda: phased_ttt_eval(model, val, hp, rt, log, tilt=tilt,
                                                                            deadline=deadline)
@@ -4382,7 +4382,7 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: Optional[float
             label, score = "quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs, tilt=tilt)
         loss, bpb, ms = timed_eval(label, score, log, rt)
         log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
-        if deadline is not None and hp.ttt_mode == "phased":
+        if deadline is not None:
             report_ttt_deadline(deadline, hp, log)
     report_eval_total(log, compiled_graph_count() - graphs)
 
