@@ -507,7 +507,7 @@ def test_end_to_end_artifact_and_post_quant_scores(tiny_data, tmp_path):
 SMALL_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, NUM_LOOPS=0,
                  XSA_LAST_N=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, VAL_BATCH_TOKENS=256 * 8,
                  ITERATIONS=1, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, GPTQ_CALIBRATION_BATCHES=1,
-                 SLIDING_WINDOW_ENABLED=0)
+                 SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=0, NGRAM_TILT=0)
 
 
 def main_in_process(monkeypatch, env: dict) -> None:

@@ -308,8 +308,8 @@ def test_run_sh_on_a_gpu_machine_refuses_to_run_without_flash_attention_3(tmp_pa
 def test_run_sh_on_a_gpu_machine_packs_the_script_and_runs_the_packed_form(tiny_data, tmp_path):
     # ATTN_BACKEND=sdpa opts out of the FA3 requirement; the data is already there, so nothing is
     # downloaded, and train_gpt.py itself still runs on the CPU with a small configuration.
-    env = stand_in_gpu_env(tmp_path, **{**E2E, "ITERATIONS": 4, "MAX_WALLCLOCK_SECONDS": 0}, DATA_DIR=tiny_data["root"],
-                           RUN_ID="gpu_branch", SLIDING_WINDOW_ENABLED=0, ATTN_BACKEND="sdpa")
+    env = stand_in_gpu_env(tmp_path, **{**E2E, "ITERATIONS": 4, "MAX_WALLCLOCK_SECONDS": 0, "SLIDING_WINDOW_ENABLED": 0},
+                           DATA_DIR=tiny_data["root"], RUN_ID="gpu_branch", ATTN_BACKEND="sdpa")
     result = subprocess.run(["bash", str(REPO / "run.sh")], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

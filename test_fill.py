@@ -259,7 +259,8 @@ def test_run_fills_a_lowered_limit_and_records_its_decisions(tiny_data, tmp_path
     env = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=160, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8, NUM_LOOPS=0,
                XSA_LAST_N=0, TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TRAIN_BATCH_TOKENS=256, VAL_BATCH_TOKENS=256 * 8,
                ITERATIONS=1, WARMUP_STEPS=0, MAX_WALLCLOCK_SECONDS=0, GPTQ_CALIBRATION_BATCHES=1,
-               SLIDING_WINDOW_ENABLED=0, DATA_DIR=tiny_data["root"], COMPRESSOR="pergroup", RUN_ID="free")
+               SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=0, NGRAM_TILT=0, DATA_DIR=tiny_data["root"], COMPRESSOR="pergroup",
+               RUN_ID="free")
     runs = {}
     for run_id, extra in (("free", {}), ("filled", dict(BUDGET_FILL=1, BUDGET_FILL_SLACK_BYTES=400, BUDGET_FILL_TRIES=8))):
         if run_id == "filled":

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -42,8 +43,8 @@ def setup(num_docs: int = 18, seed: int = 0, **overrides):
     return hp, model, tg.Validation(doc_stream(num_docs, seed), counts)
 
 
-def phased(model, val, hp, observer=None, tilt=None, rt=CPU):
-    return tg.phased_ttt_eval(model, val, hp, rt, lambda message: None, observer, tilt)
+def phased(model, val, hp, observer=None, tilt=None, rt=CPU, deadline=None):
+    return tg.phased_ttt_eval(model, val, hp, rt, lambda message: None, observer, tilt, deadline)
 
 
 # --- documents, batches, ranks ---------------------------------------------------------------------
@@ -238,6 +239,57 @@ def test_adaptation_changes_the_score():
     assert phased(model, val, hp)[0] != pytest.approx(frozen[0], rel=1e-6)
 
 
+# --- the deadline (TTT_DEADLINE_SECONDS) ------------------------------------------------------------
+
+
+def passed_deadline() -> tg.TTTDeadline:
+    return tg.TTTDeadline(time.perf_counter())  # 0+ seconds: past it from the first batch on
+
+
+def test_past_the_deadline_every_target_is_still_scored_once_and_nothing_trains():
+    hp, model, val = setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    recorder, deadline = Recorder(), passed_deadline()
+    loss, bpb = phased(model, val, hp, recorder, deadline=deadline)
+    assert recorder.scored == set(range(1, len(val.tokens))) and not recorder.trained
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # no global phase ran
+    assert deadline.metrics() == dict(ttt_deadline_hit=True, ttt_unadapted_docs=18, ttt_unadapted_batches=5,
+                                      ttt_skipped_phases=2)
+
+
+def test_past_the_deadline_the_score_is_the_zero_learning_rate_one():
+    hp, model, val = setup()
+    zero = phased(model, val, tg.Hyperparameters(**{**hp.as_dict(), "ttt_lora_lr": 0.0, "global_ttt_lr": 0.0}))
+    assert phased(model, val, hp, deadline=passed_deadline()) == pytest.approx(zero, rel=1e-12)
+    assert zero == pytest.approx(per_document_reference(model, val), rel=1e-6)
+
+
+def test_a_deadline_not_reached_changes_nothing():
+    hp, model, val = setup()
+    unguarded = phased(model, val, hp)
+    hp, model, val = setup()
+    deadline = tg.TTTDeadline(time.perf_counter() + 3600)
+    assert phased(model, val, hp, deadline=deadline) == unguarded
+    assert deadline.metrics()["ttt_deadline_hit"] is False
+
+
+def test_a_deadline_reached_mid_run_stops_training_from_the_next_batch_on():
+    hp, model, val = setup(PHASED_TTT_PREFIX_DOCS=0)
+    recorder, deadline = Recorder(), tg.TTTDeadline(math.inf)
+
+    def observe(kind, positions):  # the deadline passes during the first batch, which goes on adapting
+        recorder(kind, positions)
+        if kind == "train":
+            deadline.at = -math.inf
+    phased(model, val, hp, observe, deadline=deadline)
+    docs = tg.val_documents(val.tokens)
+    first = tg.ttt_batches(docs.lengths, hp.ttt_batch_size)[0]
+    first_targets = {int(docs.starts[d]) + t for d in first for t in range(1, int(docs.lengths[d]) + 1)}
+    assert recorder.scored == set(range(1, len(val.tokens)))
+    assert recorder.trained and recorder.trained <= first_targets
+    assert deadline.unadapted_docs == len(docs.starts) - len(first)
+
+
 # --- configuration ---------------------------------------------------------------------------------
 
 
@@ -257,6 +309,8 @@ def test_adaptation_changes_the_score():
     (dict(PHASED_TTT_NUM_PHASES=0), "PHASED_TTT_NUM_PHASES"),
     (dict(PHASED_TTT_PREFIX_DOCS=-1), "PHASED_TTT_PREFIX_DOCS"),
     (dict(GLOBAL_TTT_MOMENTUM=1.0), "GLOBAL_TTT_MOMENTUM"),
+    (dict(TTT_DEADLINE_SECONDS=-1), "TTT_DEADLINE_SECONDS"),
+    (dict(TTT_DEADLINE_SECONDS="nan"), "TTT_DEADLINE_SECONDS"),
 ])
 def test_phased_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=message):
@@ -264,8 +318,14 @@ def test_phased_knobs_are_checked(env, message):
 
 
 def test_the_phased_context_must_fit_the_rotary_table_only_when_phased_ttt_runs():
-    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_ENABLED": 0}), 1)
-    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_MODE": "full"}), 1)
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_ENABLED": 0, "NGRAM_TILT": 0}), 1)
+    tg.check_config(hparams(**{**ENV, "TTT_EVAL_SEQ_LEN": 65, "TTT_MODE": "full", "SLIDING_WINDOW_ENABLED": 1}), 1)
+
+
+def test_the_phased_context_follows_eval_seq_len_unless_set():
+    assert hparams(EVAL_SEQ_LEN=128).ttt_eval_seq_len == 128
+    assert hparams(EVAL_SEQ_LEN=128, TTT_EVAL_SEQ_LEN=64).ttt_eval_seq_len == 64
+    assert hparams().ttt_eval_seq_len == hparams().eval_seq_len == 2560
 
 
 def test_phased_ttt_needs_no_sliding_window_but_full_ttt_does():
@@ -277,22 +337,24 @@ def test_phased_ttt_needs_no_sliding_window_but_full_ttt_does():
 # --- two ranks (gloo, in-process workers) ----------------------------------------------------------
 
 
-def two_rank_worker(rank: int, init_file: str, out_dir: str, overrides: dict) -> None:
+def two_rank_worker(rank: int, init_file: str, out_dir: str, overrides: dict, late: tuple) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         hp, model, val = setup(**overrides)
         rt = dataclasses.replace(CPU, rank=rank, world_size=2, distributed=True)
         events = []
-        score = phased(model, val, hp, lambda kind, positions: events.append((kind, list(positions))), rt=rt)
-        torch.save(dict(score=score, events=events, params=[p.detach() for p in model.parameters()]),
-                   f"{out_dir}/{rank}.pt")
+        deadline = tg.TTTDeadline(-math.inf if rank in late else math.inf) if late else None  # the `late` ranks: past it
+        score = phased(model, val, hp, lambda kind, positions: events.append((kind, list(positions))), rt=rt,
+                       deadline=deadline)
+        torch.save(dict(score=score, events=events, params=[p.detach() for p in model.parameters()],
+                        deadline=deadline and deadline.metrics()), f"{out_dir}/{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_two_ranks(tmp_path, **overrides) -> list[dict]:
-    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), overrides), nprocs=2)
+def run_two_ranks(tmp_path, late: tuple = (), **overrides) -> list[dict]:
+    torch.multiprocessing.spawn(two_rank_worker, args=(str(tmp_path / "init"), str(tmp_path), overrides, late), nprocs=2)
     return [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
 
 
@@ -319,6 +381,22 @@ def test_two_ranks_at_zero_learning_rates_score_as_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_late_rank_skips_the_global_phases_on_both_without_deadlock(tmp_path):
+    ranks = run_two_ranks(tmp_path, late=(1,))
+    hp, model, val = setup()
+    scored = [[p for kind, ps in r["events"] if kind == "score" for p in ps] for r in ranks]
+    trained = [[p for kind, ps in r["events"] if kind == "train" for p in ps] for r in ranks]
+    assert sorted(scored[0] + scored[1]) == list(range(1, len(val.tokens)))
+    assert trained[0] and not trained[1]  # rank 0 adapts all its batches, late rank 1 none, no global phase trains
+    for r in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], model.parameters()))
+        assert r["deadline"]["ttt_skipped_phases"] == 2 and r["deadline"] == ranks[0]["deadline"]
+    docs = tg.val_documents(val.tokens)
+    batches = tg.ttt_batches(docs.lengths, hp.ttt_batch_size)
+    assert 0 < ranks[0]["deadline"]["ttt_unadapted_docs"] < len(batches) * hp.ttt_batch_size
+
+
+@pytest.mark.slow
 def test_end_to_end_run_logs_the_phased_score_and_counts_its_time(tiny_data, tmp_path):
     env = dict(E2E, DATA_DIR=tiny_data["root"], RUN_ID="phased", ITERATIONS=10, MAX_WALLCLOCK_SECONDS=0,
                GPTQ_RESERVE_SECONDS=0, GPTQ_CALIBRATION_BATCHES=2, SLIDING_WINDOW_ENABLED=0, TTT_ENABLED=1,
@@ -330,3 +408,5 @@ def test_end_to_end_run_logs_the_phased_score_and_counts_its_time(tiny_data, tmp
     assert re.search(r"quantized_phased_ttt val_loss:[\d.]+ val_bpb:[\d.]+ eval_time:\d+ms", result.stdout)
     metrics = json.loads((tmp_path / "logs" / "phased.json").read_text())["metrics"]
     assert math.isfinite(metrics["ttt_val_bpb"]) and metrics["ttt_eval_ms"] > 0
+    assert "ttt_deadline: 450s not reached: 0 documents" in result.stdout
+    assert metrics["ttt_deadline_hit"] is False and metrics["ttt_unadapted_docs"] == 0

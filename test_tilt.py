@@ -232,7 +232,8 @@ def test_bench_tool_times_hints_on_shifted_copies(tiny_data, capsys):
 @pytest.mark.parametrize("env, message", [({"NGRAM_TILT_ORDER": 1}, "NGRAM_TILT_ORDER"),
                                           ({"NGRAM_TILT_BOOST": -1}, "NGRAM_TILT_BOOST"),
                                           ({"NGRAM_TILT_THRESHOLD": 0}, "NGRAM_TILT_THRESHOLD"),
-                                          ({"NGRAM_TILT": 1, "SLIDING_WINDOW_ENABLED": 0}, "NGRAM_TILT")])
+                                          ({"NGRAM_TILT": 1, "SLIDING_WINDOW_ENABLED": 0, "TTT_ENABLED": 0},
+                                           "NGRAM_TILT")])
 def test_tilt_knobs_are_checked(env, message):
     with pytest.raises(tg.ConfigError, match=message):
         tg.check_config(tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()}), 1)

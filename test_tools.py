@@ -459,6 +459,23 @@ def test_issue13_ablation_rows_and_configs(tmp_path):
     assert bad.returncode == 2 and "unknown config 'nope'" in bad.stderr
 
 
+# --- tools/ttt_deadline_ratio.py ----------------------------------------------------------------------
+
+
+def test_ttt_deadline_ratio_times_both_modes_and_prints_the_ratio(monkeypatch, capsys):
+    sys.path.insert(0, str(TOOLS))
+    import ttt_deadline_ratio
+    for key, value in dict(VOCAB_SIZE=64, NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=4,
+                           XSA_LAST_N=0, NUM_LOOPS=0, PARALLEL_START_LAYER=-1, TRAIN_SEQ_LEN=64, EVAL_SEQ_LEN=64,
+                           TTT_CHUNK_SIZE=16, TTT_BATCH_SIZE=2).items():
+        monkeypatch.setenv(key, str(value))
+    assert ttt_deadline_ratio.main(["--docs", "4", "--log-mean", "3", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"repeat 1 adapting: [\d.]+s .*\nrepeat 1 score-only: [\d.]+s", out)
+    ratio = float(re.search(r"ratio score-only / adapting \(best of 1\): ([\d.]+)", out).group(1))
+    assert 0 < ratio < 1  # no backward, no optimizer step: always cheaper
+
+
 # --- the GPU doctor (on CPU: the tiny shape, FA3 skipped) -----------------------------------------
 
 
@@ -483,7 +500,7 @@ def test_gpu_doctor_runs_the_tiny_shape_end_to_end_and_writes_its_json(tmp_path,
     assert report["logits_memory"]["stored_copies"] == 0 and report["logits_memory"]["stored_dtypes"] == []
     assert report["gptq"]["gptq_total_s"] >= 0 and (tmp_path / "work" / tg.ARTIFACT_PATH).is_file()
     assert report["evaluation"]["val_tokens"] == 1024
-    assert set(report["evaluation"]["phases"]) == {"quantized", "quantized_sliding_window"}
+    assert set(report["evaluation"]["phases"]) == {"quantized", "quantized_phased_ttt"}  # the default scores
     assert [v["name"] for v in report["verdicts"]] == ["train_600s", "gptq_reserve", "eval_600s"]
     table = capsys.readouterr().out
     assert "| fa3 | compiles | SKIP: no CUDA device" in table and "| verdict | eval_600s |" in table

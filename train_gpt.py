@@ -235,21 +235,22 @@ class Hyperparameters:
     budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
                                      "~100 s on one CPU core; pergroup ~2 s)")
     # post-quantization evaluation
-    sliding_window_enabled: bool = knob(True, "also score the artifact with overlapping windows")
+    sliding_window_enabled: bool = knob(False, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
-    ttt_enabled: bool = knob(False, "score-first test-time training on the validation stream")
+    ttt_enabled: bool = knob(True, "score-first test-time training on the validation stream")
     ttt_lr: float = knob(0.005, "TTT SGD learning rate (cosine-decayed across chunks)")
     ttt_epochs: int = knob(3, "TTT passes over each scored chunk")
     ttt_momentum: float = knob(0.9, "TTT SGD momentum")
     ttt_chunk_tokens: int = knob(32768, "TTT chunk: scored first, then trained on")
     ttt_grad_clip: float = knob(1.0, "TTT gradient-norm clip (0 = off)")
-    ttt_mode: str = knob("full", "what TTT_ENABLED runs: full (SGD of all weights on sliding-window chunks: TTT_LR, "
+    ttt_mode: str = knob("phased", "what TTT_ENABLED runs: full (SGD of all weights on sliding-window chunks: TTT_LR, "
                                  "TTT_EPOCHS, TTT_CHUNK_TOKENS) or phased (per-document LoRA adapters and global SGD "
                                  "phases: the TTT_LORA_*, PHASED_TTT_* and GLOBAL_TTT_* knobs)")
     ttt_batch_size: int = knob(64, "phased TTT: documents per batch, one per row, batched by length")
     ttt_chunk_size: int = knob(48, "phased TTT: a document's targets are scored, then trained on, this many at a time")
-    ttt_eval_seq_len: int = knob(2560, "phased TTT: context of a chunk, the document's tokens ending at the chunk's "
-                                       "end; also the row length of the global SGD phases")
+    ttt_eval_seq_len: Optional[int] = knob(None, "phased TTT: context of a chunk, the document's tokens ending at the "
+                                                 "chunk's end; also the row length of the global SGD phases (unset: "
+                                                 "EVAL_SEQ_LEN)")
     ttt_width_growth: float = knob(2.0, "phased TTT: chunk windows are padded to widths TTT_CHUNK_SIZE, then each "
                                         "about this factor wider (in whole chunks), up to TTT_EVAL_SEQ_LEN: one "
                                         "compiled graph per width; smaller = less padding, more graphs to warm up")
@@ -269,7 +270,10 @@ class Hyperparameters:
     global_ttt_lr: float = knob(1e-3, "phased TTT: SGD LR of the global phases (cosine-decayed across steps)")
     global_ttt_momentum: float = knob(0.9, "phased TTT: SGD momentum of the global phases")
     global_ttt_chunk_tokens: int = knob(32768, "phased TTT: targets per global SGD step (all ranks together)")
-    ngram_tilt: bool = knob(False, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
+    ttt_deadline_seconds: float = knob(450.0, "phased TTT: a rank past this many seconds of the timed evaluation (from "
+                                              "the artifact load) scores its remaining documents without adapting, and "
+                                              "global phases not yet run are skipped on every rank (0 = off)")
+    ngram_tilt: bool = knob(True, "causal n-gram tilt of the sliding-window and TTT scores: boost the token that the "
                                    "already-scored validation prefix predicts, then renormalize")
     ngram_tilt_order: int = knob(16, "n-gram order of the tilt: the hint's context is the previous ORDER-1 tokens")
     ngram_tilt_boost: float = knob(2.625, "β added to the hinted token's logit (0 = scores as without the tilt)")
@@ -290,6 +294,8 @@ class Hyperparameters:
             values[f.name] = f.default if raw is None else parse_knob(f.name.upper(), raw, f.type)
         if not values["run_id"]:
             values["run_id"] = str(uuid.uuid4())
+        if values["ttt_eval_seq_len"] is None:  # a small EVAL_SEQ_LEN brings the phased context down with it
+            values["ttt_eval_seq_len"] = values["eval_seq_len"]
         return cls(**values)
 
     def as_dict(self) -> dict:
@@ -498,8 +504,8 @@ def check_evaluation_config(hp: Hyperparameters) -> None:
          "must be finite and >= 0")
     need(hp, 0.0 < hp.ngram_tilt_threshold <= 1.0, "NGRAM_TILT_THRESHOLD", "must be a fraction in (0, 1]")
     need(hp, not hp.ngram_tilt or hp.sliding_window_enabled or (hp.ttt_enabled and hp.ttt_mode == "phased"),
-         "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1 or "
-         "TTT_ENABLED=1 TTT_MODE=phased")
+         "NGRAM_TILT", "the tilt applies to sliding-window and TTT scores: set SLIDING_WINDOW_ENABLED=1, "
+         "TTT_ENABLED=1 TTT_MODE=phased, or NGRAM_TILT=0")
     need(hp, not hp.eval_artifact or Path(hp.eval_artifact).is_file(), "EVAL_ARTIFACT",
          "must be an existing artifact file, e.g. a finished run's final_model.int6.ptz")
     check_phased_ttt_config(hp)
@@ -513,15 +519,18 @@ def check_phased_ttt_config(hp: Hyperparameters) -> None:
     need(hp, hp.ttt_mode in TTT_MODES, "TTT_MODE", f"must be one of {', '.join(TTT_MODES)}")
     for name in ("TTT_BATCH_SIZE", "TTT_CHUNK_SIZE", "TTT_LORA_RANK", "PHASED_TTT_NUM_PHASES", "GLOBAL_TTT_CHUNK_TOKENS"):
         need(hp, getattr(hp, name.lower()) > 0, name, "must be positive")
-    need(hp, hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN", f"must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size}")
-    rotary = max(hp.train_seq_len, hp.eval_seq_len)
-    need(hp, not hp.ttt_enabled or hp.ttt_mode != "phased" or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
+    phased, rotary = hp.ttt_enabled and hp.ttt_mode == "phased", max(hp.train_seq_len, hp.eval_seq_len)
+    need(hp, not phased or hp.ttt_chunk_size <= hp.ttt_eval_seq_len, "TTT_EVAL_SEQ_LEN",
+         f"phased TTT: must be >= TTT_CHUNK_SIZE={hp.ttt_chunk_size} (unset, it is EVAL_SEQ_LEN; or lower TTT_CHUNK_SIZE)")
+    need(hp, not phased or hp.ttt_eval_seq_len <= rotary, "TTT_EVAL_SEQ_LEN",
          f"phased TTT: must be <= the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN)={rotary}")
     need(hp, math.isfinite(hp.ttt_lora_alpha) and hp.ttt_lora_alpha > 0, "TTT_LORA_ALPHA", "must be positive")
     need(hp, math.isfinite(hp.ttt_width_growth) and hp.ttt_width_growth > 1, "TTT_WIDTH_GROWTH", "must be > 1")
     sites = ttt_sites(hp)
     need(hp, bool(sites) and set(sites) <= set(LORA_SITES) and len(set(sites)) == len(sites), "TTT_MASK",
          f"must be distinct comma-separated sites from {','.join(LORA_SITES)}")
+    need(hp, math.isfinite(hp.ttt_deadline_seconds) and hp.ttt_deadline_seconds >= 0, "TTT_DEADLINE_SECONDS",
+         "must be >= 0 seconds (0 = no deadline)")
     for name in ("TTT_LORA_LR", "TTT_WEIGHT_DECAY", "GLOBAL_TTT_LR", "PHASED_TTT_PREFIX_DOCS"):
         need(hp, getattr(hp, name.lower()) >= 0, name, "must be >= 0")
     for name in ("TTT_BETA1", "TTT_BETA2", "GLOBAL_TTT_MOMENTUM"):
@@ -4321,9 +4330,9 @@ def fresh_lora(previous: Optional[BatchedLora], model: GPT, docs: int, hp: Hyper
 
 def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndarray, docs: Documents,
                          tokens: np.ndarray, counts: ByteCounts, hp: Hyperparameters, rt: Runtime,
-                         observer=None, tilt: Optional[NgramTilt] = None) -> Tensor:
-    """Score the documents `rows` chunk by chunk, one AdamW step of the adapters after each chunk is scored.
-    Returns [nll, tokens, bytes]. The loss is the sum over documents of their mean NLL on the chunk, so each
+                         observer=None, tilt: Optional[NgramTilt] = None, adapt: bool = True) -> Tensor:
+    """Score the documents `rows` chunk by chunk, one AdamW step of the adapters after each chunk is scored
+    (none with adapt=False: the same forwards, no backward). Returns [nll, tokens, bytes]. The loss is the sum over documents of their mean NLL on the chunk, so each
     document's adapters see only their own gradient (AdamW is elementwise)."""
     optimizer = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
                                   eps=1e-10, weight_decay=hp.ttt_weight_decay, fused=rt.device.type == "cuda")
@@ -4338,7 +4347,7 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
         sums += masked_score(nll.detach(), logits.detach(), x, y, scored, positions, counts, tilt)
         if observer is not None:
             observer("score", (positions[scored] + 1).tolist())
-        if not chunk.weight.any():
+        if not adapt or not chunk.weight.any():
             continue
         optimizer.zero_grad(set_to_none=True)
         (nll * weight).sum().backward()
@@ -4388,11 +4397,54 @@ def global_sgd_phase(model: GPT, tokens: np.ndarray, pieces: list[tuple[int, int
     return len(steps)
 
 
+@dataclasses.dataclass
+class TTTDeadline:
+    """TTT_DEADLINE_SECONDS's guard: past `at` (a time.perf_counter() value) a rank scores its remaining batches
+    without training adapters (still chunk by chunk, so every target is scored once, before any update: trivially
+    legal) and no further global phase runs. Unadapted documents are the shortest (batches go longest first),
+    which adapters help least. The counts are this rank's until phased_ttt_eval sums them over ranks."""
+    at: float
+    unadapted_docs: int = 0
+    unadapted_batches: int = 0
+    skipped_phases: int = 0
+
+    def adapts(self, docs: int, where: str, log: Callable[[str], None]) -> bool:
+        """Whether a batch of `docs` documents may train its adapters; past the deadline, count it (log the first)."""
+        if time.perf_counter() < self.at:
+            return True
+        if not self.unadapted_batches:
+            log(f"ttt_deadline: past TTT_DEADLINE_SECONDS at {where}: the rest of this rank's batches are scored "
+                f"without adaptation")
+        self.unadapted_docs, self.unadapted_batches = self.unadapted_docs + docs, self.unadapted_batches + 1
+        return False
+
+    def any_rank_late(self, rt: Runtime) -> bool:
+        """Whether any rank is past the deadline, the same answer on every rank: a global phase's all-reduces need
+        every rank, so all run it or all skip it (one late rank skipping alone would deadlock the others)."""
+        late = torch.tensor([float(time.perf_counter() >= self.at)], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
+    def summed(self, rt: Runtime) -> None:
+        """The unadapted counts of all ranks (skipped phases are the same on every rank)."""
+        counts = torch.tensor([self.unadapted_docs, self.unadapted_batches], dtype=torch.float64, device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(counts)
+        self.unadapted_docs, self.unadapted_batches = (int(c) for c in counts.tolist())
+
+    def metrics(self) -> dict:
+        hit = bool(self.unadapted_batches or self.skipped_phases)
+        return dict(ttt_deadline_hit=hit, ttt_unadapted_docs=self.unadapted_docs,
+                    ttt_unadapted_batches=self.unadapted_batches, ttt_skipped_phases=self.skipped_phases)
+
+
 def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtime, log: Callable[[str], None],
-                    observer=None, tilt: Optional[NgramTilt] = None) -> tuple[float, float]:
+                    observer=None, tilt: Optional[NgramTilt] = None,
+                    deadline: Optional[TTTDeadline] = None) -> tuple[float, float]:
     """Phased per-document LoRA TTT (see the comment above Documents); changes the model's weights when
     GLOBAL_TTT_LR > 0. `observer(kind, positions)` ('score' or 'train', target positions) lets tests check
-    the order; `tilt` tilts the scores only."""
+    the order; `tilt` tilts the scores only; `deadline` stops adaptation past it (see TTTDeadline)."""
     docs = val_documents(val.tokens)
     batches = ttt_batches(docs.lengths, hp.ttt_batch_size)
     order = np.concatenate(batches)
@@ -4411,11 +4463,15 @@ def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtim
         costs = [batch_cost(docs.lengths[b], hp.ttt_chunk_size, hp.ttt_eval_seq_len) for b in segment]
         for i in assign_batches(costs, rt.world_size)[rt.rank]:
             lora = fresh_lora(lora, model, len(segment[i]), hp, rt, generator)
+            adapt = deadline is None or deadline.adapts(len(segment[i]), f"segment {phase + 1} batch {i + 1}", log)
             sums += score_document_batch(logits_fn, model, lora, segment[i], docs, val.tokens, counts, hp, rt,
-                                         observer, tilt)
+                                         observer, tilt, adapt)
         log(f"phased_ttt: segment {phase + 1}: {sum(map(len, segment))} documents in {len(segment)} batches scored "
             f"in {1000.0 * (time.perf_counter() - t0):.0f}ms")
-        if prefix:
+        if prefix and deadline is not None and deadline.any_rank_late(rt):
+            deadline.skipped_phases += 1
+            log(f"phased_ttt: global phase {phase + 1} skipped: a rank is past TTT_DEADLINE_SECONDS")
+        elif prefix:
             t0 = time.perf_counter()
             pieces = phase_rows(docs, order[:prefix], hp.ttt_eval_seq_len)
             steps = global_sgd_phase(model, val.tokens, pieces, hp, rt, observer)
@@ -4425,6 +4481,8 @@ def phased_ttt_eval(model: GPT, val: Validation, hp: Hyperparameters, rt: Runtim
     model.requires_grad_(True)
     if rt.distributed:
         dist.all_reduce(sums)
+    if deadline is not None:
+        deadline.summed(rt)
     return nats_and_bpb(*sums.tolist())
 
 
@@ -4567,13 +4625,21 @@ def report_eval_total(log: RunLog, graphs_compiled: int) -> None:
     log.metric(eval_total_ms=total, eval_graphs_compiled=graphs_compiled)
 
 
+def report_ttt_deadline(deadline: TTTDeadline, hp: Hyperparameters, log: RunLog) -> None:
+    metrics = deadline.metrics()
+    log(f"ttt_deadline: {hp.ttt_deadline_seconds:g}s {'HIT' if metrics['ttt_deadline_hit'] else 'not reached'}: "
+        f"{deadline.unadapted_docs} documents in {deadline.unadapted_batches} batches scored without adaptation, "
+        f"{deadline.skipped_phases} global phase(s) skipped")
+    log.metric(**metrics)
+
+
 def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: Optional[float], hp: Hyperparameters, rt: Runtime,
                       log: RunLog) -> None:
     """Every score of the artifact read back from disk: plain, at EVAL_LOOPS, sliding windows, TTT (full or
     phased: its metrics are ttt_*, whichever mode). No quantization gap without the pre-quantization score."""
     phased = hp.ttt_enabled and hp.ttt_mode == "phased"  # its shapes need the document count, not the tokens
     warm_up_eval(len(val.tokens), hp, rt, log, len(val_documents(val.tokens).starts) if phased else 0)
-    graphs = compiled_graph_count()
+    graphs, started = compiled_graph_count(), time.perf_counter()  # the eval timer starts with the artifact load
     model = timed_load("artifact_load", path, hp, rt, log)
     net = torch.compile(model, dynamic=False, fullgraph=True) if rt.compile else model
     loss, bpb, ms = timed_eval("quantized", lambda: evaluate(net, val, hp, rt), log, rt)
@@ -4591,12 +4657,16 @@ def evaluate_artifact(path: Path, val: Validation, pre_quant_bpb: Optional[float
         log.metric(sliding_val_loss=loss, sliding_val_bpb=bpb, sliding_eval_ms=ms)
     if hp.ttt_enabled:
         model = timed_load("ttt_reload", path, hp, rt, log)  # TTT changes the weights: start again from the file
+        deadline = TTTDeadline(started + hp.ttt_deadline_seconds) if phased and hp.ttt_deadline_seconds > 0 else None
         if hp.ttt_mode == "phased":
-            label, score = "quantized_phased_ttt", lambda: phased_ttt_eval(model, val, hp, rt, log, tilt=tilt)
+            label, score = "quantized_phased_ttt", lambda: phased_ttt_eval(model, val, hp, rt, log, tilt=tilt,
+                                                                           deadline=deadline)
         else:
             label, score = "quantized_ttt", lambda: score_first_eval(model, val, hp, rt, hp.ttt_epochs, tilt=tilt)
         loss, bpb, ms = timed_eval(label, score, log, rt)
         log.metric(ttt_val_loss=loss, ttt_val_bpb=bpb, ttt_eval_ms=ms)
+        if deadline is not None:
+            report_ttt_deadline(deadline, hp, log)
     report_eval_total(log, compiled_graph_count() - graphs)
 
 

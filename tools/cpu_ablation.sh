@@ -11,6 +11,8 @@
 # ms_per_step is the benchmark's (wall-clock-capped runs) or, for runs that stop at ITERATIONS
 # (MAX_WALLCLOCK_SECONDS=0), the run JSON's train_time_ms / steps. load1 is the 1-minute load average
 # when the run starts: on a shared machine ms_per_step measures the other users' load as well.
+# NGRAM_TILT=0 unless a setting says otherwise: sliding_bpb stays the untilted score of every earlier table
+# (the tilt, on by default since issue 15, is an evaluation-side offset that says nothing about training).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=$1; shift
@@ -29,7 +31,7 @@ for spec in "$@"; do
   for seed in ${SEEDS:-1337 42}; do
     dir="$runs/${label}_s$seed"; rm -rf "$dir"
     load1=$(cut -d' ' -f1 /proc/loadavg)
-    summary=$(RUN_DIR="$dir" bash "$bench" "${SCRIPT:-$here/train_gpt.py}" SEED="$seed" RUN_ID="${label}_s$seed" "${kvs[@]}" 2>&1 | tail -2)
+    summary=$(RUN_DIR="$dir" bash "$bench" "${SCRIPT:-$here/train_gpt.py}" SEED="$seed" RUN_ID="${label}_s$seed" NGRAM_TILT=0 "${kvs[@]}" 2>&1 | tail -2)
     row=("$label" "$seed" "${settings:--}")
     for f in "${fields[@]}"; do row+=("$(sed -n "s/.*\b$f=\([^ ]*\).*/\1/p" <<< "$summary" | head -1)"); done
     [[ ${row[4]} != NA ]] || row[4]=$(ms_from_json "$dir/logs/${label}_s$seed.json")

@@ -51,7 +51,7 @@ MIN_STEPS = 4400  # 90% of the record's steps: fewer means this machine or stack
 TINY = dict(VOCAB_SIZE=2048, NUM_LAYERS=3, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, ROPE_DIMS=8,
             XSA_LAST_N=3, PARALLEL_START_LAYER=2, NUM_LOOPS=1, LOOP_START=1, LOOP_END=1,
             TRAIN_SEQ_LEN=32, EVAL_SEQ_LEN=32, TRAIN_BATCH_TOKENS=2048, VAL_BATCH_TOKENS=2048,
-            EVAL_STRIDE=16, GPTQ_CALIBRATION_BATCHES=2)
+            EVAL_STRIDE=16, TTT_CHUNK_SIZE=16, GPTQ_CALIBRATION_BATCHES=2)
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
@@ -367,7 +367,10 @@ def eval_phases(path: Path, hp: tg.Hyperparameters, rt: tg.Runtime, val: tg.Vali
         phases["quantized_sliding_window"] = lambda: tg.score_first_eval(model, val, hp, rt, 0)
     if hp.ttt_enabled:
         ttt_model = tg.load_artifact(path, hp, rt)  # TTT changes the weights it scores with
-        phases["quantized_ttt"] = lambda: tg.score_first_eval(ttt_model, val, hp, rt, hp.ttt_epochs)
+        if hp.ttt_mode == "phased":  # its whole work, no TTT_DEADLINE_SECONDS: the projection must see the full cost
+            phases["quantized_phased_ttt"] = lambda: tg.phased_ttt_eval(ttt_model, val, hp, rt, lambda message: None)
+        else:
+            phases["quantized_ttt"] = lambda: tg.score_first_eval(ttt_model, val, hp, rt, hp.ttt_epochs)
     return phases
 
 

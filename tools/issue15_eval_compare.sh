@@ -9,7 +9,7 @@
 # 66K-token validation), unless ROOT/final_model.int6.ptz already exists, then scores that artifact with
 # EVAL_ARTIFACT four ways, each an eval-only run of cpu_quality.sh in ROOT/<method> (so the model and data knobs
 # are the training run's):
-#   sliding  the default scores (plain round trip + sliding window, stride 64)
+#   sliding  plain round trip + sliding window, stride 64, untilted (the default scores before the flip to phased)
 #   full     TTT_ENABLED=1 TTT_MODE=full   (score-first full-weight TTT, its defaults)
 #   phased   TTT_ENABLED=1 TTT_MODE=phased (per-document LoRA TTT, its defaults but TTT_EVAL_SEQ_LEN=128: the
 #            phased context may not exceed the rotary table, max(TRAIN_SEQ_LEN, EVAL_SEQ_LEN) = 128 here)
@@ -18,7 +18,8 @@
 #   phased_b4  phased with TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=8 and no sliding window: at the defaults the
 #              small validation's 21 documents are one batch and never reach a global SGD phase; here 6 batches and
 #              a global phase after the first 8 documents
-# Every eval-only run also computes the plain and sliding scores (SLIDING_WINDOW_ENABLED=1, needed by full TTT):
+# Every eval-only run also computes the plain and sliding scores (SLIDING_WINDOW_ENABLED=1, needed by full TTT);
+# NGRAM_TILT=0 everywhere but in tilt (the tilt is on by default since the flip, cpu_quality.sh leaves it alone):
 # each row's eval_total counts every phase that ran, as a submission with those knobs would.
 # Then it prints the table of ROOT: bpb and each timed phase (ms) from each run's logs/<method>.json.
 # The whole body is one function, read before it runs: editing this file mid-run is safe.
@@ -57,14 +58,14 @@ root=${2:-/tmp/ev4_$seed}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 artifact="$root/final_model.int6.ptz"
 if [[ ! -f "$artifact" ]]; then
-  RUN_DIR="$root" "$bench" "$here/train_gpt.py" SEED="$seed" OMP_NUM_THREADS="$OMP_NUM_THREADS" || exit
+  RUN_DIR="$root" "$bench" "$here/train_gpt.py" SEED="$seed" OMP_NUM_THREADS="$OMP_NUM_THREADS" NGRAM_TILT=0 || exit
 fi
 declare -A knobs=(
-  [sliding]=""
-  [full]="TTT_ENABLED=1 TTT_MODE=full"
-  [phased]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128"
+  [sliding]="NGRAM_TILT=0"
+  [full]="TTT_ENABLED=1 TTT_MODE=full NGRAM_TILT=0"
+  [phased]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 NGRAM_TILT=0"
   [tilt]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 NGRAM_TILT=1"
-  [phased_b4]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=8 SLIDING_WINDOW_ENABLED=0"
+  [phased_b4]="TTT_ENABLED=1 TTT_MODE=phased TTT_EVAL_SEQ_LEN=128 TTT_BATCH_SIZE=4 PHASED_TTT_PREFIX_DOCS=8 SLIDING_WINDOW_ENABLED=0 NGRAM_TILT=0"
 )
 for method in ${METHODS:-sliding full phased tilt}; do
   [[ -n "${knobs[$method]+x}" ]] || { echo "$0: unknown method '$method' in METHODS" >&2; exit 2; }
