@@ -60,7 +60,9 @@ def entropy_bytes(data: bytes) -> int:
 
 def order0_words(data: bytes) -> bytes:
     """ANS words of the codes under one histogram (the histogram itself not counted)."""
-    return tg.encode_classes(np.frombuffer(data, dtype=np.int8), np.zeros(len(data), dtype=np.int64), 1)[2]
+    symbols = np.frombuffer(data, dtype=np.int8).astype(np.int32)
+    symbols = symbols - symbols.min()
+    return tg.encode_classes(symbols, np.zeros(len(data), dtype=np.int64), 1, int(symbols.max()) + 1, 16)[1]
 
 
 def coders(more: bool) -> dict:
