@@ -2791,11 +2791,15 @@ def id_bytes(cols: int, classes: int) -> int:
     return -(-cols * (classes.bit_length() - 1) // 8)
 
 
-def histogram_levels(counts: np.ndarray, steps: int) -> np.ndarray:
-    """One byte per count (histograms along the last axis): 0 for a count of 0, else
-    255 + round(steps·log2(count / the histogram's largest count)), at least 1."""
-    top = np.maximum(counts.max(axis=-1, keepdims=True), 1)
-    ratio = np.log2(np.maximum(counts, 1) / top)
+def count_octaves(counts: np.ndarray) -> np.ndarray:
+    """log2(count / the histogram's largest count) (histograms along the last axis; 0 for a count of 0)."""
+    return np.log2(np.maximum(counts, 1) / np.maximum(counts.max(axis=-1, keepdims=True), 1))
+
+
+def histogram_levels(counts: np.ndarray, steps: int, octaves: Optional[np.ndarray] = None) -> np.ndarray:
+    """One byte per count: 0 for a count of 0, else 255 + round(steps·count_octaves), at least 1 (`octaves`: the
+    counts' count_octaves where the caller has them already)."""
+    ratio = count_octaves(counts) if octaves is None else octaves
     return np.where(counts > 0, np.clip(255 + np.round(steps * ratio), 1, 255), 0).astype(np.uint8)
 
 
@@ -2827,10 +2831,10 @@ def code_bits(histograms: np.ndarray, levels: np.ndarray, steps: int) -> float:
     return -float((histograms[seen] * np.log2(probabilities[seen])).sum())
 
 
-def classes_cost(histograms: np.ndarray, id_cost: int, steps: int) -> float:
+def classes_cost(histograms: np.ndarray, id_cost: int, steps: int, octaves: Optional[np.ndarray] = None) -> float:
     """Bytes of a role's codes under these classes: their ANS size, the histograms (one byte per symbol and class,
     costed at the order-0 entropy of those bytes: coarse levels repeat, and brotli shrinks them) and the column ids."""
-    levels = histogram_levels(histograms, steps)
+    levels = histogram_levels(histograms, steps, octaves)
     frequency = np.bincount(levels.ravel(), minlength=256)
     frequency = frequency[frequency > 0] / levels.size
     return code_bits(histograms, levels, steps) / 8 - levels.size * float((frequency * np.log2(frequency)).sum()) / 8 + id_cost
@@ -2863,7 +2867,8 @@ def choose_classes(joints: dict[str, np.ndarray], tensors: list[CodeTensor]) -> 
     for key, joint in joints.items():
         for rows, cols in grid:
             histograms = class_histograms(joint, rows, cols)
-            options += [(classes_cost(histograms, ids[cols], steps), key, rows, cols, steps) for steps in LEVEL_STEPS]
+            octaves = count_octaves(histograms)
+            options += [(classes_cost(histograms, ids[cols], steps, octaves), key, rows, cols, steps) for steps in LEVEL_STEPS]
     best = min(sorted(options)[:CLASS_OPTIONS_MEASURED], key=lambda o: brotli_classes_cost(
         class_histograms(joints[o[1]], o[2], o[3]), ids[o[3]], o[4], o[2]))
     return best[1:]
