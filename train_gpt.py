@@ -233,7 +233,7 @@ class Hyperparameters:
                                    "AWQ_LITE_GROUP_TOP_K=0 leaves AWQ-lite to the filler alone)")
     budget_fill_slack_bytes: int = knob(2000, "BUDGET_FILL stops once model + code are within this many bytes under limit - margin")
     budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
-                                     "~100 s on one CPU core; pergroup ~2 s)")
+                                     "~100 s on one CPU core; pergroup ~4-8 s)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(False, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -2691,11 +2691,11 @@ def decompress(blob: bytes, compressor: str) -> bytes:
 # rank of the column's code mean or rms: the ids are stored), one histogram each. The bucket counts are chosen per
 # role by what they cost in bytes, histograms and column ids included, so a context that does not pay is not used
 # (on the block matrices it usually does not; on a short-trained embedding per-column histograms save ~13%).
-# Histograms are stored as one byte per symbol and class, log2-quantized with LEVEL_STEPS levels per octave chosen per
-# role by bytes (coarse levels cost the codes ~0.3% on a 2,048-sample class but halve what brotli leaves of the
-# histograms), symbol-major so that brotli sees one symbol's levels across neighbouring column buckets together.
-# The role's fp16 row scales are ANS-coded too (their
-# top bits, one histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
+# Histograms are stored as one byte per symbol and class, log2-quantized with 1-16 levels per octave (LEVEL_STEPS),
+# chosen per role with the buckets: 1 per octave costs the embedding's codes 0.6% but halves what brotli leaves of
+# its histograms, so finer classes pay. They are stored symbol-major, so that brotli sees one symbol's levels across
+# neighbouring column buckets together. The role's fp16 row scales are ANS-coded too (their top bits, one
+# histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
 # Layout: u32 len(A) | A | B, where A = brotli(u32 len(T) | T | u32 len(H) | H | the raw container minus its code
 # and row-scale bytes), T = JSON {version, groups: [{role, row_classes, col_classes, code_lo, code_width,
 # level_steps, scale_shift, scale_words, words}]}, H = for each group, its scales' (lowest top bits: u16, histogram
