@@ -200,10 +200,48 @@ def test_pergroup_class_choice_counts_the_histograms():
     t = tg.CodeTensor(start=0, rows=256, cols=64, role="r", scale=(0, 512))
     scales = tg.byte_planes(rng.random(256).astype(np.float16).tobytes(), 2)
     joints = {key: tg.finest_histograms(scales, [t], [codes], -31, 63, key) for key in tg.COLUMN_KEYS}
-    assert tg.choose_classes(joints, [t])[1:] == (1, 1)
+    assert tg.choose_classes(joints, [t])[1:3] == (1, 1)
     joint = tg.finest_histograms(scales, [t], [codes], -31, 63, "rms")
-    cost_split = tg.classes_cost(tg.class_histograms(joint, 4, 4), tg.id_bytes(64, 4))
-    assert cost_split > tg.classes_cost(tg.class_histograms(joint, 1, 1), 0) + 4 * 4 * 2  # the headers alone
+    for steps in tg.LEVEL_STEPS:
+        cost_split = tg.classes_cost(tg.class_histograms(joint, 4, 4), tg.id_bytes(64, 4), steps)
+        assert cost_split > tg.classes_cost(tg.class_histograms(joint, 1, 1), 0, steps) + 15 * 8  # 15 more tables
+
+
+@pytest.mark.parametrize("steps", [1, 16])
+def test_pergroup_round_trip_is_exact_at_every_level_resolution(steps):
+    """Coarse levels (1 per octave) and fine ones both decode to the same codes; the table says which was used."""
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    codes, scale = structured_codes(*q["tok_emb.weight"]["codes"].shape, seed=2)
+    q["tok_emb.weight"].update(codes=codes, scale=scale)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg, "LEVEL_STEPS", (steps,))
+        blob = tg.serialize_artifact(q, hp)
+        back = tg.parse_artifact(blob, hp)
+    assert {t["level_steps"] for t in tg.unpack_pergroup(blob[5 + blob[4]:])[0]} == {steps}
+    for name, stored in q.items():
+        for key, value in stored.items():
+            if torch.is_tensor(value):
+                assert torch.equal(back[name][key], value), (name, key)
+
+
+def test_pergroup_level_table_is_symbol_major_and_reads_back():
+    levels = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2 * 4, 3)  # 2 row x 4 column classes, 3 symbols
+    data = tg.level_table(levels, 2)
+    assert data[:8] == bytes([0, 12, 3, 15, 6, 18, 9, 21])  # symbol 0 of every class, row class fastest
+    assert np.array_equal(tg.read_level_table(data, 2, 4, 3), levels)
+
+
+def test_pergroup_refuses_a_format_2_table_clearly():
+    hp, _, q = quantized_model(COMPRESSOR="pergroup")
+    blob = tg.serialize_artifact(q, hp)
+    side_len = int.from_bytes(blob[5 + blob[4]:9 + blob[4]], "little")
+    side = brotli.decompress(blob[9 + blob[4]:9 + blob[4] + side_len])
+    table_len = int.from_bytes(side[:4], "little")
+    table = side[4:4 + table_len].replace(b'"version": 3', b'"version": 2')
+    side = brotli.compress(len(table).to_bytes(4, "little") + table + side[4 + table_len:])
+    body = len(side).to_bytes(4, "little") + side + blob[9 + blob[4] + side_len:]
+    with pytest.raises(tg.ArtifactError, match="pergroup format 2, which this script does not read"):
+        tg.parse_artifact(blob[:5 + blob[4]] + body, hp)
 
 
 def test_pergroup_refuses_a_format_1_body_clearly():

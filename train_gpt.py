@@ -233,7 +233,7 @@ class Hyperparameters:
                                    "AWQ_LITE_GROUP_TOP_K=0 leaves AWQ-lite to the filler alone)")
     budget_fill_slack_bytes: int = knob(2000, "BUDGET_FILL stops once model + code are within this many bytes under limit - margin")
     budget_fill_tries: int = knob(4, "most exact compressions BUDGET_FILL spends (brotli-11 of a full-size artifact: "
-                                     "~100 s on one CPU core; pergroup ~2 s)")
+                                     "~100 s on one CPU core; pergroup ~4-8 s)")
     # post-quantization evaluation
     sliding_window_enabled: bool = knob(False, "also score the artifact with overlapping windows")
     eval_stride: int = knob(64, "sliding-window step; each window scores its last EVAL_STRIDE tokens")
@@ -2691,23 +2691,29 @@ def decompress(blob: bytes, compressor: str) -> bytes:
 # rank of the column's code mean or rms: the ids are stored), one histogram each. The bucket counts are chosen per
 # role by what they cost in bytes, histograms and column ids included, so a context that does not pay is not used
 # (on the block matrices it usually does not; on a short-trained embedding per-column histograms save ~13%).
-# Histograms are stored as one byte per symbol, log2-quantized. The role's fp16 row scales are ANS-coded too (their
-# top bits, one histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
+# Histograms are stored as one byte per symbol and class, log2-quantized with 1-16 levels per octave (LEVEL_STEPS),
+# chosen per role with the buckets: 1 per octave costs the embedding's codes 0.6% but halves what brotli leaves of
+# its histograms, so finer classes pay. They are stored symbol-major, so that brotli sees one symbol's levels across
+# neighbouring column buckets together. The role's fp16 row scales are ANS-coded too (their top bits, one
+# histogram per role; the low `scale_shift` bits stored as they are): 4-7% below brotli-11.
 # Layout: u32 len(A) | A | B, where A = brotli(u32 len(T) | T | u32 len(H) | H | the raw container minus its code
-# and row-scale bytes), T = JSON {version, groups: [{role, row_classes, col_classes, scale_shift, scale_words,
-# words}]}, H = for each group, its scales' (lowest top bits: u16, histogram length: u16), histogram and low bits,
-# then its classes' (lowest code, histogram length) bytes, their histograms and its tensors' packed column ids,
+# and row-scale bytes), T = JSON {version, groups: [{role, row_classes, col_classes, code_lo, code_width,
+# level_steps, scale_shift, scale_words, words}]}, H = for each group, its scales' (lowest top bits: u16, histogram
+# length: u16), histogram and low bits, then its classes' histograms (code_width x col_classes x row_classes bytes,
+# symbol-major) and its tensors' packed column ids,
 # and B = for each group, the ANS words of its scales and then of its codes, in table order.
 # Which bytes of the container belong to which group follows from the container's own header, and its payload
 # checksum verifies the decoded codes and scales. Row reordering is absent on purpose: a permutation costs more than the
 # neighbour contexts it enables gain (BENCHMARKS.md).
-PERGROUP_VERSION = 2
+PERGROUP_VERSION = 3
 ROW_CLASSES_MAX = 16  # row buckets tried: 1, 2, 4, 8, 16 (powers of two, so the coarser ones nest in the finest)
 COL_CLASSES_MAX = 512  # column buckets tried: 1, 2, ..., 512 (log2 of it bits per column stored); on a trained
                        # embedding each column has its own histogram, and per-column histograms pay for themselves
 COLUMN_KEYS = ("rms", "mean")  # what orders the columns into buckets: the cheaper (the decoder reads the ids)
 CLASS_OPTIONS_MEASURED = 8  # how many of the cheapest class options are costed again with brotli'd histograms
-LEVEL_STEPS = 16  # histogram bytes: a count c is 255 + round(16·log2(c / max)), ≤ 2.2% off: ~0.01% more code bytes
+LEVEL_STEPS = (1, 2, 4, 8, 16)  # histogram levels per octave tried per role: a count c is stored as
+                                # 255 + round(steps·log2(c / max))
+SCALE_LEVEL_STEPS = 16  # the row scales' one histogram per role: ≤ 2.2% off, ~0.01% more ANS bytes
 
 
 def ans_coder():
@@ -2785,21 +2791,28 @@ def id_bytes(cols: int, classes: int) -> int:
     return -(-cols * (classes.bit_length() - 1) // 8)
 
 
-def histogram_levels(counts: np.ndarray) -> np.ndarray:
-    """One byte per count (histograms along the last axis): 0 for a count of 0, else
-    255 + round(LEVEL_STEPS·log2(count / the histogram's largest count)), at least 1."""
-    top = np.maximum(counts.max(axis=-1, keepdims=True), 1)
-    ratio = np.log2(np.maximum(counts, 1) / top)
-    return np.where(counts > 0, np.clip(255 + np.round(LEVEL_STEPS * ratio), 1, 255), 0).astype(np.uint8)
+def count_octaves(counts: np.ndarray) -> np.ndarray:
+    """log2(count / the histogram's largest count) (histograms along the last axis; 0 for a count of 0)."""
+    return np.log2(np.maximum(counts, 1) / np.maximum(counts.max(axis=-1, keepdims=True), 1))
 
 
-# Integer weights of the levels, so encoder and decoder turn a histogram into the same probabilities on any
-# machine (a division is exact to the last bit; exp2 of a platform's libm need not be).
-LEVEL_WEIGHTS = np.array([0] + [round(256 * 2 ** (level / LEVEL_STEPS)) for level in range(1, 256)], dtype=np.int64)
+def histogram_levels(counts: np.ndarray, steps: int, octaves: Optional[np.ndarray] = None) -> np.ndarray:
+    """One byte per count: 0 for a count of 0, else 255 + round(steps·count_octaves), at least 1 (`octaves`: the
+    counts' count_octaves where the caller has them already)."""
+    ratio = count_octaves(counts) if octaves is None else octaves
+    return np.where(counts > 0, np.clip(255 + np.round(steps * ratio), 1, 255), 0).astype(np.uint8)
 
 
-def level_model(levels: np.ndarray):
-    weights = LEVEL_WEIGHTS[levels]
+@functools.lru_cache(maxsize=None)
+def level_weights(steps: int) -> np.ndarray:
+    """Integer weights of the levels, so encoder and decoder turn a histogram into the same probabilities on any
+    machine (a division is exact to the last bit; exp2 of a platform's libm need not be). At least 1: a level at
+    the clip still has a symbol behind it."""
+    return np.array([0] + [max(1, round(2 ** (24 + (level - 255) / steps))) for level in range(1, 256)], dtype=np.int64)
+
+
+def level_model(levels: np.ndarray, steps: int):
+    weights = level_weights(steps)[levels]
     return ans_coder().stream.model.Categorical(weights / weights.sum(), perfect=False)
 
 
@@ -2810,37 +2823,54 @@ def class_histograms(joint: np.ndarray, row_classes: int, col_classes: int) -> n
         axis=(1, 3)).reshape(-1, width)
 
 
-def classes_cost(histograms: np.ndarray, id_cost: int) -> float:
-    """Bytes of a role's codes under these classes: their ANS size (cross-entropy with the stored histograms),
-    the histograms (2 + one byte per symbol from the first to the last one seen) and the column ids."""
-    weights = LEVEL_WEIGHTS[histogram_levels(histograms)].astype(np.float64)
+def code_bits(histograms: np.ndarray, levels: np.ndarray, steps: int) -> float:
+    """ANS size in bits of the counted symbols under their stored histogram levels (the cross-entropy)."""
+    weights = level_weights(steps)[levels].astype(np.float64)
     seen = histograms > 0
     probabilities = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1)
-    code_bits = -float((histograms[seen] * np.log2(probabilities[seen])).sum())
-    spans = np.where(seen.any(axis=1), seen.shape[1] - seen[:, ::-1].argmax(axis=1) - seen.argmax(axis=1), 0)
-    return code_bits / 8 + float((2 + spans).sum()) + id_cost
+    return -float((histograms[seen] * np.log2(probabilities[seen])).sum())
 
 
-def brotli_classes_cost(histograms: np.ndarray, id_cost: int) -> float:
-    """classes_cost with the histograms' bytes as brotli leaves them (they travel in the brotli'd side part, where
-    many similar histograms shrink by up to ~20%, so the raw count misranks options that are close)."""
-    seen = histograms > 0
-    first, last = seen.argmax(axis=1), seen.shape[1] - seen[:, ::-1].argmax(axis=1)
-    levels = histogram_levels(histograms)
-    table = b"".join(bytes([f, n - f]) + levels[k, f:n].tobytes() for k, (f, n) in enumerate(zip(first, last)))
-    raw = float(np.where(seen.any(axis=1), 2 + last - first, 2).sum())
-    return classes_cost(histograms, id_cost) - raw + len(brotli.compress(table, quality=11))
+def classes_cost(histograms: np.ndarray, id_cost: int, steps: int, octaves: Optional[np.ndarray] = None) -> float:
+    """Bytes of a role's codes under these classes: their ANS size, the histograms (one byte per symbol and class,
+    costed at the order-0 entropy of those bytes: coarse levels repeat, and brotli shrinks them) and the column ids."""
+    levels = histogram_levels(histograms, steps, octaves)
+    frequency = np.bincount(levels.ravel(), minlength=256)
+    frequency = frequency[frequency > 0] / levels.size
+    return code_bits(histograms, levels, steps) / 8 - levels.size * float((frequency * np.log2(frequency)).sum()) / 8 + id_cost
 
 
-def choose_classes(joints: dict[str, np.ndarray], tensors: list[CodeTensor]) -> tuple[str, int, int]:
-    """(column key, row classes, column classes) of a role, among the powers of two up to the maxima: every option
-    costed by classes_cost, the CLASS_OPTIONS_MEASURED cheapest again with their histograms brotli-compressed."""
+def level_table(levels: np.ndarray, row_classes: int) -> bytes:
+    """A role's (classes, symbols) levels as stored: symbol-major, then column bucket, then row bucket, so that brotli
+    sees one symbol's levels across neighbouring column buckets (ordered by mean or rms) side by side."""
+    return levels.reshape(row_classes, -1, levels.shape[1]).transpose(2, 1, 0).tobytes()
+
+
+def read_level_table(data: bytes, row_classes: int, col_classes: int, width: int) -> np.ndarray:
+    """Inverse of level_table."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(width, col_classes, row_classes).transpose(2, 1, 0).reshape(-1, width)
+
+
+def brotli_classes_cost(histograms: np.ndarray, id_cost: int, steps: int, row_classes: int) -> float:
+    """classes_cost with the histograms' bytes as brotli leaves them (they travel in the brotli'd side part)."""
+    levels = histogram_levels(histograms, steps)
+    return code_bits(histograms, levels, steps) / 8 + len(brotli.compress(level_table(levels, row_classes), quality=11)) + id_cost
+
+
+def choose_classes(joints: dict[str, np.ndarray], tensors: list[CodeTensor]) -> tuple[str, int, int, int]:
+    """(column key, row classes, column classes, level steps) of a role, among the powers of two up to the maxima
+    and LEVEL_STEPS: every option costed by classes_cost, the CLASS_OPTIONS_MEASURED cheapest again with their
+    histograms brotli-compressed."""
     grid = [(2 ** r, 2 ** c) for r in range(ROW_CLASSES_MAX.bit_length()) for c in range(COL_CLASSES_MAX.bit_length())]
     ids = {cols: sum(id_bytes(t.cols, cols) for t in tensors) for _, cols in grid}
-    options = sorted((classes_cost(class_histograms(joint, rows, cols), ids[cols]), key, rows, cols)
-                     for key, joint in joints.items() for rows, cols in grid)
-    best = min(options[:CLASS_OPTIONS_MEASURED], key=lambda o: brotli_classes_cost(
-        class_histograms(joints[o[1]], o[2], o[3]), ids[o[3]]))
+    options = []
+    for key, joint in joints.items():
+        for rows, cols in grid:
+            histograms = class_histograms(joint, rows, cols)
+            octaves = count_octaves(histograms)
+            options += [(classes_cost(histograms, ids[cols], steps, octaves), key, rows, cols, steps) for steps in LEVEL_STEPS]
+    best = min(sorted(options)[:CLASS_OPTIONS_MEASURED], key=lambda o: brotli_classes_cost(
+        class_histograms(joints[o[1]], o[2], o[3]), ids[o[3]], o[4], o[2]))
     return best[1:]
 
 
@@ -2857,41 +2887,38 @@ class ByteReader:
         return self.data[self.cursor - count:self.cursor]
 
 
-def encode_classes(symbols: np.ndarray, classes: np.ndarray, count: int) -> tuple[list, bytes, bytes]:
-    """([lo, n] per class, their histogram levels, the ANS words) of symbols coded class after class.
-    n ≤ 255 (int8 codes); a class without symbols has n = 0, one with a single symbol value n = 1."""
+def encode_classes(symbols: np.ndarray, classes: np.ndarray, count: int, width: int, steps: int) -> tuple[np.ndarray, bytes]:
+    """((count, width) histogram levels, the ANS words) of symbols 0..width-1 coded class after class. A class
+    whose histogram has one symbol (e.g. a gate at its zero init) or none is not coded: it carries no information."""
     order = np.argsort(classes, kind="stable") if count > 1 else slice(None)  # one class: already in order
     segments = np.split(symbols[order].astype(np.int32), np.cumsum(np.bincount(classes, minlength=count))[:-1])
-    table, levels = [], []
-    for segment in segments:
-        lo = int(segment.min()) if len(segment) else 0
-        levels.append(histogram_levels(np.bincount(segment - lo)) if len(segment) else np.zeros(0, dtype=np.uint8))
-        table.append([lo, len(levels[-1])])
+    levels = np.stack([histogram_levels(np.bincount(segment, minlength=width), steps) for segment in segments])
+    coded = (levels > 0).sum(axis=1) > 1
     coder = ans_coder().stream.stack.AnsCoder()
-    for segment, (lo, size), level in reversed(list(zip(segments, table, levels))):  # a stack: the last class first
-        if size > 1:  # one symbol (e.g. a gate at its zero init) carries no information
-            coder.encode_reverse(segment - lo, level_model(level))
-    words = coder.get_compressed().astype("<u4").tobytes() if any(size > 1 for _, size in table) else b""
-    return table, b"".join(level.tobytes() for level in levels), words
+    for segment, level, used in reversed(list(zip(segments, levels, coded))):  # a stack: the last class first
+        if used:
+            coder.encode_reverse(segment, level_model(level, steps))
+    return levels, coder.get_compressed().astype("<u4").tobytes() if coded.any() else b""
 
 
-def decode_classes(table: list, levels: list[bytes], words: bytes, classes: np.ndarray) -> np.ndarray:
-    """Inverse of encode_classes: the symbols in their positions."""
-    sizes = np.bincount(classes, minlength=len(table))
-    if len(sizes) != len(table):
+def decode_classes(levels: np.ndarray, steps: int, words: bytes, classes: np.ndarray) -> np.ndarray:
+    """Inverse of encode_classes: the symbols 0..width-1 in their positions."""
+    sizes = np.bincount(classes, minlength=len(levels))
+    if len(sizes) != len(levels):
         raise ArtifactError("the artifact's code classes do not match its table; the file is corrupted")
     parts = []
     try:
         coder = ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32))
-        for (lo, width), level, size in zip(table, levels, sizes):
-            if size and width < 1:
+        for level, size in zip(levels, sizes):
+            present = np.flatnonzero(level)
+            if size and not len(present):
                 raise ValueError("a class without a histogram")
-            model = level_model(np.frombuffer(level, dtype=np.uint8)) if width > 1 and size else None
-            parts.append(coder.decode(model, int(size)) + lo if model else np.full(size, lo, dtype=np.int32))
+            parts.append(coder.decode(level_model(level, steps), int(size)) if size and len(present) > 1
+                         else np.full(size, present[0] if size else 0, dtype=np.int32))
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ArtifactError(f"cannot decode the artifact's codes: {exc}; the file is corrupted") from None
-    out = np.empty(len(classes), dtype=np.int8)
-    out[np.argsort(classes, kind="stable") if len(table) > 1 else slice(None)] = np.concatenate(parts)
+    out = np.empty(len(classes), dtype=np.int64)
+    out[np.argsort(classes, kind="stable") if len(levels) > 1 else slice(None)] = np.concatenate(parts)
     return out
 
 
@@ -2924,7 +2951,10 @@ def scale_cost(bits: np.ndarray, shift: int) -> float:
     infinite where the top bits' histogram would not fit its u16 length."""
     top = bits >> shift
     counts = np.bincount(top - top.min())
-    return classes_cost(counts[None, :], 0) + 2 + len(bits) * shift / 8 if len(counts) < 2 ** 16 else math.inf
+    if len(counts) >= 2 ** 16:
+        return math.inf
+    levels = histogram_levels(counts[None, :], SCALE_LEVEL_STEPS)
+    return code_bits(counts[None, :], levels, SCALE_LEVEL_STEPS) / 8 + 4 + len(counts) + len(bits) * shift / 8
 
 
 def encode_scales(bits: np.ndarray) -> tuple[int, bytes, bytes]:
@@ -2932,11 +2962,11 @@ def encode_scales(bits: np.ndarray) -> tuple[int, bytes, bytes]:
     shift = min(range(16), key=lambda k: scale_cost(bits, k))
     top = bits >> shift
     lo = int(top.min())
-    levels = histogram_levels(np.bincount(top - lo))
+    levels = histogram_levels(np.bincount(top - lo), SCALE_LEVEL_STEPS)
     words = b""
     if len(levels) > 1:
         coder = ans_coder().stream.stack.AnsCoder()
-        coder.encode_reverse((top - lo).astype(np.int32), level_model(levels))
+        coder.encode_reverse((top - lo).astype(np.int32), level_model(levels, SCALE_LEVEL_STEPS))
         words = coder.get_compressed().astype("<u4").tobytes()
     head = np.array([lo, len(levels)], dtype="<u2").tobytes()
     return shift, head + levels.tobytes() + pack_ids(bits & (2 ** shift - 1), shift), words
@@ -2949,7 +2979,7 @@ def decode_scales(shift: int, side: ByteReader, words: bytes, container: bytearr
     count = sum(t.rows for t in tensors)
     try:
         top = (ans_coder().stream.stack.AnsCoder(np.frombuffer(words, dtype="<u4").astype(np.uint32)).decode(
-            level_model(levels), count) if width > 1 else np.zeros(count, dtype=np.int64)) + lo
+            level_model(levels, SCALE_LEVEL_STEPS), count) if width > 1 else np.zeros(count, dtype=np.int64)) + lo
     except (ValueError, RuntimeError, TypeError) as exc:
         raise ArtifactError(f"cannot decode the artifact's row scales: {exc}; the file is corrupted") from None
     bits = (top.astype(np.int64) << shift) | unpack_ids(side.take(-(-count * shift // 8)), count, shift)
@@ -2964,41 +2994,49 @@ def encode_role(raw: bytes, tensors: list[CodeTensor]) -> tuple[dict, bytes, byt
     codes = [np.frombuffer(raw, dtype=np.int8, count=t.length, offset=t.start).reshape(t.rows, t.cols) for t in tensors]
     lo = min(int(c.min()) for c in codes)
     width = max(int(c.max()) for c in codes) - lo + 1
-    key, row_classes, col_classes = choose_classes(
+    key, row_classes, col_classes, steps = choose_classes(
         {key: finest_histograms(raw, tensors, codes, lo, width, key) for key in COLUMN_KEYS}, tensors)
     ids = [column_buckets(c, col_classes, key) for c in codes]
     classes = tensor_classes(raw, tensors, ids, row_classes, col_classes)
-    table, levels, words = encode_classes(np.concatenate([c.ravel() for c in codes]), classes, row_classes * col_classes)
-    heads = np.array(table, dtype=np.int64).astype(np.uint8).tobytes()  # (lo as a two's-complement byte, n) each
+    symbols = np.concatenate([c.ravel() for c in codes]).astype(np.int32) - lo
+    levels, words = encode_classes(symbols, classes, row_classes * col_classes, width, steps)
     id_data = b"".join(pack_ids(k, col_classes.bit_length() - 1) for k in ids)
     shift, scale_side, scale_words = encode_scales(scale_bits(raw, tensors))
-    entry = dict(role=tensors[0].role, row_classes=row_classes, col_classes=col_classes, scale_shift=shift,
-                 scale_words=len(scale_words) // 4, words=len(words) // 4)
-    return entry, scale_side + heads + levels + id_data, scale_words + words
+    entry = dict(role=tensors[0].role, row_classes=row_classes, col_classes=col_classes, code_lo=lo, code_width=width,
+                 level_steps=steps, scale_shift=shift, scale_words=len(scale_words) // 4, words=len(words) // 4)
+    return entry, scale_side + level_table(levels, row_classes) + id_data, scale_words + words
 
 
-def decode_role(entry: dict, side: ByteReader, container: bytearray, tensors: list[CodeTensor], words: bytes) -> None:
-    """Inverse of encode_role: writes the role's scales, then its codes, into their places in the container."""
+def role_layout(entry: dict, words: int) -> tuple[int, int, int, int, int, int, int]:
+    """(row classes, column classes, lowest code, code width, level steps, scale shift, scale words' bytes) of a
+    group's table entry, checked against what encode_role can write (`words`: the group's ANS bytes)."""
     try:
-        row_classes, col_classes, shift = int(entry["row_classes"]), int(entry["col_classes"]), int(entry["scale_shift"])
-        scale_words = 4 * int(entry["scale_words"])
-        valid = (0 <= shift < 16 and 0 <= scale_words <= len(words)
+        layout = tuple(int(entry[k]) for k in ("row_classes", "col_classes", "code_lo", "code_width", "level_steps",
+                                               "scale_shift", "scale_words"))
+        row_classes, col_classes, lo, width, steps, shift, scale_words = layout
+        valid = (0 <= shift < 16 and 0 <= 4 * scale_words <= words and steps in LEVEL_STEPS
+                 and -128 <= lo and 1 <= width and lo + width <= 128
                  and row_classes in (2 ** r for r in range(ROW_CLASSES_MAX.bit_length()))
                  and col_classes in (2 ** c for c in range(COL_CLASSES_MAX.bit_length())))
     except (KeyError, TypeError, ValueError):
         valid = False
     if not valid:
         raise ArtifactError(f"the artifact's code table of {entry.get('role')} is malformed; the file is corrupted")
+    return layout[:6] + (4 * layout[6],)
+
+
+def decode_role(entry: dict, side: ByteReader, container: bytearray, tensors: list[CodeTensor], words: bytes) -> None:
+    """Inverse of encode_role: writes the role's scales, then its codes, into their places in the container."""
+    row_classes, col_classes, lo, width, steps, shift, scale_words = role_layout(entry, len(words))
     decode_scales(shift, side, words[:scale_words], container, tensors)  # the row classes are read from them
     words = words[scale_words:]
-    heads = np.frombuffer(side.take(2 * row_classes * col_classes), dtype=np.uint8).reshape(-1, 2)
-    table = [(int(lo), int(width)) for lo, width in zip(heads[:, 0].view(np.int8), heads[:, 1])]
-    levels = [side.take(width) for _, width in table]
+    levels = read_level_table(side.take(width * row_classes * col_classes), row_classes, col_classes, width)
     bits = col_classes.bit_length() - 1
     ids = [unpack_ids(side.take(id_bytes(t.cols, col_classes)), t.cols, bits) for t in tensors]
     if any(len(k) and k.max() >= col_classes for k in ids):
         raise ArtifactError("the artifact's column classes are out of range; the file is corrupted")
-    symbols = decode_classes(table, levels, words, tensor_classes(container, tensors, ids, row_classes, col_classes))
+    classes = tensor_classes(container, tensors, ids, row_classes, col_classes)
+    symbols = (decode_classes(levels, steps, words, classes) + lo).astype(np.int8)
     offset = 0
     for t in tensors:
         container[t.start:t.start + t.length] = symbols[offset:offset + t.length].tobytes()
@@ -3042,7 +3080,7 @@ def unpack_pergroup(blob: bytes) -> tuple[list[dict], bytes, bytes, bytes]:
         version = 1 if isinstance(table, list) else table["version"]
     except (brotli.error, ValueError, KeyError, TypeError):
         raise ArtifactError("cannot decompress the artifact (pergroup); the file is truncated or corrupted") from None
-    if version != PERGROUP_VERSION:  # format 1: one order-0 histogram per role, its counts in a JSON list
+    if version != PERGROUP_VERSION:  # 1: one order-0 histogram per role, its counts in a JSON list; 2: 16 steps
         raise ArtifactError(f"the artifact was written by pergroup format {version!r}, which this script does not read "
                             f"(it writes format {PERGROUP_VERSION}); re-serialize it with the script that wrote it, "
                             "e.g. with COMPRESSOR=brotli")

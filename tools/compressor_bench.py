@@ -60,7 +60,9 @@ def entropy_bytes(data: bytes) -> int:
 
 def order0_words(data: bytes) -> bytes:
     """ANS words of the codes under one histogram (the histogram itself not counted)."""
-    return tg.encode_classes(np.frombuffer(data, dtype=np.int8), np.zeros(len(data), dtype=np.int64), 1)[2]
+    symbols = np.frombuffer(data, dtype=np.int8).astype(np.int32)
+    symbols = symbols - symbols.min()
+    return tg.encode_classes(symbols, np.zeros(len(data), dtype=np.int64), 1, int(symbols.max()) + 1, 16)[1]
 
 
 def coders(more: bool) -> dict:
@@ -185,11 +187,12 @@ def print_scale_contexts(quantized: dict[str, dict]) -> None:
 
 
 def print_pergroup_roles(quantized: dict[str, dict], hp: tg.Hyperparameters) -> None:
-    """Per role, what COMPRESSOR=pergroup spends (ANS words + side bytes: histograms, column ids, low scale bits;
-    before the side's brotli) on its codes and its row scales, against order-0 and brotli-11."""
+    """Per role, what COMPRESSOR=pergroup spends on its codes (ANS words + its histograms and column ids, brotli-11
+    on their own: the artifact brotlis them with the rest of the side part) and on its row scales (ANS words +
+    histogram and low bits, before brotli), against order-0 and brotli-11."""
     blob = tg.serialize_artifact(quantized, tg.dataclasses.replace(hp, compressor="pergroup"))
     raw = tg.decompress_pergroup(blob[5 + blob[4]:])
-    print("| role | classes (rows x columns) | codes: pergroup | codes: ANS order-0 + histogram | "
+    print("| role | classes (rows x columns), level steps | codes: pergroup | codes: ANS order-0 + histogram | "
           "scales: brotli-11 (byte planes) | scales: pergroup (shift) |")
     for role, tensors in tg.roles_of(tg.code_tensors(raw)).items():
         (entry, side, words), seconds = timed(tg.encode_role, raw, tensors)
@@ -199,8 +202,8 @@ def print_pergroup_roles(quantized: dict[str, dict], hp: tg.Hyperparameters) -> 
         lo, hi = int(np.frombuffer(codes, dtype=np.int8).min()), int(np.frombuffer(codes, dtype=np.int8).max())
         order0 = len(order0_words(codes)) + 2 + hi - lo + 1
         planes = tg.byte_planes(bits.astype("<u2").tobytes(), 2)
-        pergroup_codes = len(side) + len(words) - len(scale_side) - len(scale_words)
-        print(f"| {role} | {entry['row_classes']} x {entry['col_classes']} | {pergroup_codes:,} ({seconds:.1f} s) | "
+        pergroup_codes = len(brotli.compress(side[len(scale_side):], quality=11)) + len(words) - len(scale_words)
+        print(f"| {role} | {entry['row_classes']} x {entry['col_classes']}, {entry['level_steps']} | {pergroup_codes:,} ({seconds:.1f} s) | "
               f"{order0:,} | {len(brotli.compress(planes, quality=11)):,} | "
               f"{len(scale_side) + len(scale_words):,} ({shift}) |", flush=True)
 
