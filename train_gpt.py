@@ -4370,8 +4370,9 @@ def score_document_batch(logits_fn, model: GPT, lora: BatchedLora, rows: np.ndar
                          tokens: np.ndarray, counts: ByteCounts, hp: Hyperparameters, rt: Runtime,
                          observer=None, tilt: Optional[NgramTilt] = None, adapt: bool = True) -> Tensor:
     """Score the documents `rows` chunk by chunk, one AdamW step of the adapters after each chunk is scored
-    (none with adapt=False: the same forwards, no backward). Returns [nll, tokens, bytes]. The loss is the sum over documents of their mean NLL on the chunk, so each
-    document's adapters see only their own gradient (AdamW is elementwise)."""
+    (none with adapt=False: the same forwards, no backward). Returns [nll, tokens, bytes]. The loss is the sum
+    over documents of their mean NLL on the chunk, so each document's adapters see only their own gradient
+    (AdamW is elementwise)."""
     optimizer = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(hp.ttt_beta1, hp.ttt_beta2),
                                   eps=1e-10, weight_decay=hp.ttt_weight_decay, fused=rt.device.type == "cuda")
     starts, lengths = docs.starts[rows], docs.lengths[rows]
