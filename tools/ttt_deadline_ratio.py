@@ -44,9 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="timings of each mode")
     args = parser.parse_args(argv)
     hp = dataclasses.replace(tg.Hyperparameters.from_env(os.environ), phased_ttt_prefix_docs=0)
-    tg.check_config(hp, 1)
-    rt = tg.Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                    distributed=False, attn_backend="sdpa", compile=False, activation_dtype=torch.float32)
+    rt = tg.init_runtime(hp, {})  # one process, the script's own device, backend, compile and dtype choices
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
     tokens = document_stream(args.docs, hp.vocab_size, args.log_mean, args.log_sigma, hp.seed)
